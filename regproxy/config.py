@@ -1,0 +1,310 @@
+"""Configuration: TOML file (plus `REGPROXY_*` environment overrides) → frozen dataclasses.
+
+Defaults live only here. Unknown keys and wrong types are `ConfigError`s that
+name the dotted key, so `serve` can refuse to start with one clear line.
+
+Environment overrides: `REGPROXY_` + the dotted key path in upper case with
+`__` between levels and any other non-alphanumeric character as `_`, e.g.
+`REGPROXY_SERVER__LISTEN=0.0.0.0:5000` or
+`REGPROXY_PROXY__UPSTREAMS__DOCKER_IO__PASSWORD=…`. Values are read as TOML
+scalars when they parse as one (numbers, booleans), otherwise as strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from regproxy.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+DEFAULT_CONFIG_NAME = "configuration.toml"
+ENV_PREFIX = "REGPROXY_"
+
+_DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?\s*", re.IGNORECASE)
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number or a string like `"90s"`, `"5m"`, `"1h"`, `"7d"`."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration, got a boolean")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        match = _DURATION_RE.fullmatch(value)
+        if match:
+            return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    raise ValueError(f'expected a duration such as 90, "90s", "5m" or "1h", got {value!r}')
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from a number or a string like `"512MiB"`, `"10GB"`, `"1.5G"`."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size, got a boolean")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    if isinstance(value, str):
+        match = _SIZE_RE.fullmatch(value)
+        if match:
+            unit = (match.group(2) or "").lower().rstrip("b")
+            power = "kmgtp".find(unit[:1]) + 1 if unit else 0
+            base = 1024 if unit.endswith("i") or len(unit) == 1 else 1000
+            return int(float(match.group(1)) * base**power)
+    raise ValueError(f'expected a size such as 1073741824, "512MiB" or "10GB", got {value!r}')
+
+
+class Duration(float):
+    """Marker type: seconds, written as a number or a string with a unit."""
+
+
+class ByteSize(int):
+    """Marker type: bytes, written as a number or a string with a unit."""
+
+
+class Secret(str):
+    """A string never shown in logs or reprs."""
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = "127.0.0.1:5000"
+    #: idle upload sessions older than this are purged
+    upload_max_age: Duration = Duration(86400)
+    #: how long in-flight requests may run on in a graceful stop
+    shutdown_timeout: Duration = Duration(30)
+
+    @property
+    def host(self) -> str:
+        return split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return split_listen(self.listen)[1]
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    url: str
+    username: str | None = None
+    password: Secret | None = None
+    password_env: str | None = None
+    password_file: Path | None = None
+    tag_ttl: Duration = Duration(300)
+
+    def resolved_password(self) -> Secret | None:
+        """The password from the config, an environment variable or a file."""
+        if self.password is not None:
+            return self.password
+        if self.password_env:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise ConfigError(
+                    f"password_env: environment variable {self.password_env} is not set"
+                )
+            return Secret(value)
+        if self.password_file:
+            try:
+                return Secret(self.password_file.read_text().strip())
+            except OSError as exc:
+                raise ConfigError(
+                    f"password_file: cannot read {self.password_file}: {exc.strerror}"
+                ) from None
+        return None
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    prefix: str = "p"
+    upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
+    #: answer un-prefixed pulls of unknown local repositories from this upstream (dockerd mirror)
+    mirror_upstream: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    registry_storage: Path
+    temporary_registry_storage: Path
+    proxy_storage: Path
+    proxy_max_size: ByteSize | None = None
+    server: ServerConfig = field(default_factory=ServerConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    source: Path | None = None  # the file this was read from (not a config key)
+
+    def storage_dirs(self) -> tuple[Path, Path, Path]:
+        return self.registry_storage, self.temporary_registry_storage, self.proxy_storage
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """`host:port` (IPv6 as `[::1]:5000`) → (host, port); ValueError when malformed."""
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not port_text.isdigit() or not host:
+        raise ValueError(f"expected host:port, got {listen!r}")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"port {port} is out of range")
+    return host.strip("[]"), port
+
+
+def _type_name(tp: Any) -> str:
+    return {
+        str: "a string",
+        int: "an integer",
+        bool: "a boolean",
+        Path: "a path",
+        Duration: "a duration",
+        ByteSize: "a size",
+        Secret: "a string",
+    }.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _convert(value: Any, tp: Any, key: str, base: Path) -> Any:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = [a for a in get_args(tp) if a is not type(None)]
+        return _convert(value, options[0], key, base)
+    if origin is dict:
+        _, value_type = get_args(tp)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a table")
+        return {k: _convert(v, value_type, f"{key}.{k}", base) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a table")
+        return _build(tp, value, base, f"{key}.")
+    try:
+        if tp is Duration:
+            return Duration(parse_duration(value))
+        if tp is ByteSize:
+            return ByteSize(parse_size(value))
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    if tp is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key}: expected a path string, got {value!r}")
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else base / path
+    if tp is Secret:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string")
+        return Secret(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a boolean, got {value!r}")
+        return value
+    if tp is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")  # pragma: no cover
+
+
+def _build(cls: Any, raw: Mapping[str, Any], base: Path, prefix: str = "") -> Any:
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(f"{prefix}{key}: unknown configuration key")
+    kwargs: dict[str, Any] = {}
+    for name, fld in fields.items():
+        if name in raw:
+            kwargs[name] = _convert(raw[name], hints[name], f"{prefix}{name}", base)
+        elif fld.default is dataclasses.MISSING and fld.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{prefix}{name}: required key is missing")
+    return cls(**kwargs)
+
+
+def _env_key(part: str) -> str:
+    return re.sub(r"[^A-Z0-9]", "_", part.upper())
+
+
+def _env_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """Apply `REGPROXY_A__B__C=value` to raw[a][b][c], matching existing keys by normalised name."""
+    for name, text in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name == "REGPROXY_CONFIG":
+            continue
+        parts = name[len(ENV_PREFIX) :].split("__")
+        node = raw
+        for i, part in enumerate(parts):
+            match = next((k for k in node if _env_key(k) == part), None)
+            key = match if match is not None else part.lower()
+            if i == len(parts) - 1:
+                node[key] = _env_value(text)
+            else:
+                child = node.setdefault(key, {})
+                if not isinstance(child, dict):
+                    raise ConfigError(f"{name}: {key} is not a table")
+                node = child
+
+
+def load(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the configuration; relative paths are relative to the file's folder."""
+    path = Path(path) if path else Path(DEFAULT_CONFIG_NAME)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} not found") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    return from_mapping(raw, path.resolve().parent, environ, source=path)
+
+
+def from_mapping(
+    raw: dict[str, Any],
+    base: Path,
+    environ: Mapping[str, str] | None = None,
+    source: Path | None = None,
+) -> Config:
+    """Validate an already-parsed TOML document (plus environment overrides)."""
+    _apply_env(raw, os.environ if environ is None else environ)
+    config = _build(Config, raw, base)
+    try:
+        split_listen(config.server.listen)
+    except ValueError as exc:
+        raise ConfigError(f"server.listen: {exc}") from None
+    prefix = config.proxy.prefix
+    if not re.fullmatch(r"[a-z0-9]+", prefix):
+        raise ConfigError(f"proxy.prefix: {prefix!r} must be lowercase letters and digits")
+    for name, upstream in config.proxy.upstreams.items():
+        if not re.fullmatch(r"https?://[^/\s]+(/.*)?", upstream.url):
+            raise ConfigError(f"proxy.upstreams.{name}.url: expected an http(s) URL")
+        if "/" in name or not name:
+            raise ConfigError(f"proxy.upstreams.{name}: an upstream name cannot contain '/'")
+    mirror = config.proxy.mirror_upstream
+    if mirror is not None and mirror not in config.proxy.upstreams:
+        raise ConfigError(f"proxy.mirror_upstream: {mirror!r} is not a configured upstream")
+    return dataclasses.replace(config, source=source)

@@ -1,0 +1,1 @@
+"""The aiohttp server: routes, handlers per resource, error rendering."""

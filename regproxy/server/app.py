@@ -1,0 +1,89 @@
+"""`create_app(config)`: the route table and the resources every handler shares."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import weakref
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from regproxy.config import Config
+from regproxy.server import base, blobs, listings, manifests, referrers, uploads
+from regproxy.server.keys import CONFIG, OFFLOAD, PROXY_STORE, REGISTRY, UPLOADS
+from regproxy.server.middleware import add_api_version, errors_middleware
+from regproxy.storage.aio import Offload
+from regproxy.storage.fs import remove_tree
+from regproxy.storage.store import Store
+from regproxy.storage.uploads import Uploads
+
+log = logging.getLogger("regproxy.server")
+
+NAME = "{name:[^{}]+}"
+
+
+def _routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/v2/", base.version_check)
+    r.add_get("/v2", base.version_check)
+    r.add_get("/v2/_catalog", listings.catalog)
+    r.add_get(f"/v2/{NAME}/tags/list", listings.list_tags)
+    r.add_get(f"/v2/{NAME}/referrers/{{digest}}", referrers.list_referrers)
+    r.add_post(f"/v2/{NAME}/blobs/uploads/", uploads.start_upload)
+    r.add_post(f"/v2/{NAME}/blobs/uploads", uploads.start_upload)
+    upload = f"/v2/{NAME}/blobs/uploads/{{upload_id}}"
+    r.add_get(upload, uploads.upload_status, allow_head=False)
+    r.add_patch(upload, uploads.patch_upload)
+    r.add_put(upload, uploads.put_upload)
+    r.add_delete(upload, uploads.cancel_upload)
+    blob = f"/v2/{NAME}/blobs/{{digest}}"
+    r.add_get(blob, blobs.get_blob)
+    r.add_delete(blob, blobs.delete_blob)
+    manifest = f"/v2/{NAME}/manifests/{{reference}}"
+    r.add_get(manifest, manifests.get_manifest)
+    r.add_put(manifest, manifests.put_manifest)
+    r.add_delete(manifest, manifests.delete_manifest)
+
+
+async def _purge_uploads_forever(app: web.Application) -> None:
+    max_age = app[CONFIG].server.upload_max_age
+    interval = max(1.0, min(max_age / 4, 600.0))
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            removed = await app[OFFLOAD].run(app[UPLOADS].purge, max_age)
+            if removed:
+                log.info("purged %d stale upload session(s)", removed)
+        except OSError as exc:
+            log.warning("upload purge failed: %s", exc)
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    offload = Offload()
+    app[OFFLOAD] = offload
+    app[REGISTRY] = await offload.run(Store, config.registry_storage)
+    app[PROXY_STORE] = await offload.run(Store, config.proxy_storage)
+    app[UPLOADS] = await offload.run(Uploads, config.temporary_registry_storage)
+    for store in (app[REGISTRY], app[PROXY_STORE]):
+        # leftovers of commits that a crash interrupted; never visible, safe to drop
+        await offload.run(remove_tree, store.layout.tmp)
+        await offload.run(store.layout.tmp.mkdir, exist_ok=True)
+    purge = asyncio.create_task(_purge_uploads_forever(app))
+    yield
+    purge.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await purge
+    offload.close()
+
+
+def create_app(config: Config) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware], handler_args={"max_field_size": 16384})
+    app[CONFIG] = config
+    app[uploads.SESSION_LOCKS] = weakref.WeakValueDictionary()
+    app.cleanup_ctx.append(_resources)
+    app.on_response_prepare.append(add_api_version)
+    _routes(app)
+    return app

@@ -1,0 +1,55 @@
+"""Reading request bodies: capped small bodies, and large ones streamed in chunks."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from regproxy.errors import ManifestTooLarge, RangeNotSatisfiable
+
+#: Bytes gathered before one write+hash thread hop.
+CHUNK_BYTES = 1024 * 1024
+_CONTENT_RANGE = re.compile(r"(?:bytes[ =])?(\d{1,18})-(\d{1,18})(?:/(?:\d{1,18}|\*))?")
+
+
+async def read_capped(request: web.Request, limit: int) -> bytes:
+    """The whole body, refusing (413) anything larger than `limit` bytes."""
+    if request.content_length is not None and request.content_length > limit:
+        raise ManifestTooLarge(f"body of {request.content_length} bytes exceeds {limit}")
+    parts: list[bytes] = []
+    total = 0
+    async for data in request.content.iter_any():
+        total += len(data)
+        if total > limit:
+            raise ManifestTooLarge(f"body exceeds {limit} bytes")
+        parts.append(data)
+    return b"".join(parts)
+
+
+async def chunks(request: web.Request) -> AsyncIterator[list[bytes]]:
+    """The body as lists of pieces of about `CHUNK_BYTES`, without copying them."""
+    pieces: list[bytes] = []
+    size = 0
+    async for data in request.content.iter_any():
+        pieces.append(data)
+        size += len(data)
+        if size >= CHUNK_BYTES:
+            yield pieces
+            pieces, size = [], 0
+    if pieces:
+        yield pieces
+
+
+def parse_content_range(header: str, offset: int) -> tuple[int, int]:
+    """`start-end` of an upload chunk; 416 when malformed or not starting at `offset`."""
+    match = _CONTENT_RANGE.fullmatch(header.strip())
+    if not match:
+        raise RangeNotSatisfiable(f"malformed Content-Range {header[:100]!r}")
+    start, end = int(match.group(1)), int(match.group(2))
+    if end < start:
+        raise RangeNotSatisfiable(f"Content-Range {header[:100]!r} ends before it starts")
+    if start != offset:
+        raise RangeNotSatisfiable(f"chunk starts at {start}, the upload is at {offset}")
+    return start, end

@@ -1,0 +1,16 @@
+"""Typed application keys shared by the handlers."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from regproxy.config import Config
+from regproxy.storage.aio import Offload
+from regproxy.storage.store import Store
+from regproxy.storage.uploads import Uploads
+
+CONFIG = web.AppKey("config", Config)
+REGISTRY = web.AppKey("registry_store", Store)
+PROXY_STORE = web.AppKey("proxy_store", Store)
+UPLOADS = web.AppKey("uploads", Uploads)
+OFFLOAD = web.AppKey("offload", Offload)

@@ -1,0 +1,60 @@
+"""Discovery: `tags/list` and `_catalog`, both with `n`/`last` pagination and `Link`."""
+
+from __future__ import annotations
+
+import bisect
+from urllib.parse import urlencode
+
+from aiohttp import web
+
+from regproxy.errors import PaginationInvalid
+from regproxy.server.keys import OFFLOAD, REGISTRY
+from regproxy.server.names import local_name_for_read
+
+#: The largest page a client may ask for, and the catalog's page without `n`.
+MAX_PAGE = 10_000
+DEFAULT_CATALOG_PAGE = 1_000
+
+
+def paginate(
+    request: web.Request, items: list[str], default_page: int | None
+) -> tuple[list[str], str | None]:
+    """Slice a sorted list by `last` and `n`; return the page and the `Link` for the next one."""
+    raw_n = request.query.get("n")
+    if raw_n is None or raw_n == "":
+        page_size = default_page
+    else:
+        if not raw_n.isdigit():
+            raise PaginationInvalid(f"n must be a non-negative integer, got {raw_n[:50]!r}")
+        page_size = min(int(raw_n), MAX_PAGE)
+    last = request.query.get("last")
+    start = bisect.bisect_right(items, last) if last else 0
+    end = len(items) if page_size is None else start + page_size
+    page = items[start:end]
+    link = None
+    if page_size is not None and end < len(items) and page:
+        query = urlencode({"n": page_size, "last": page[-1]})
+        link = f'<{request.path}?{query}>; rel="next"'
+    return page, link
+
+
+def _json(body: dict, link: str | None) -> web.Response:
+    response = web.json_response(body)
+    if link:
+        response.headers["Link"] = link
+    return response
+
+
+async def list_tags(request: web.Request) -> web.Response:
+    name = local_name_for_read(request)
+    store = request.app[REGISTRY]
+    tags = await request.app[OFFLOAD].run(store.tags, name)
+    page, link = paginate(request, tags, None)
+    return _json({"name": name, "tags": page}, link)
+
+
+async def catalog(request: web.Request) -> web.Response:
+    store = request.app[REGISTRY]
+    names = await request.app[OFFLOAD].run(store.repositories)
+    page, link = paginate(request, names, DEFAULT_CATALOG_PAGE)
+    return _json({"repositories": page}, link)

@@ -1,0 +1,89 @@
+"""Manifests: GET/HEAD/PUT/DELETE by tag or digest."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from regproxy import manifest as mf
+from regproxy.digest import Digest, is_digest, of_bytes
+from regproxy.errors import DigestInvalid, ManifestInvalid
+from regproxy.reference import validate_tag
+from regproxy.server.bodies import read_capped
+from regproxy.server.keys import OFFLOAD, REGISTRY
+from regproxy.server.names import local_name_for_read, local_name_for_write
+from regproxy.storage.store import StoredManifest
+
+#: Manifests up to this size are hashed and parsed on the event loop (microseconds).
+INLINE_LIMIT = 64 * 1024
+
+
+def _check_reference(reference: str) -> None:
+    if is_digest(reference):
+        Digest.parse(reference)
+    else:
+        validate_tag(reference)
+
+
+def manifest_response(stored: StoredManifest, head: bool) -> web.Response:
+    headers = {
+        "Docker-Content-Digest": str(stored.digest),
+        "ETag": f'"{stored.digest}"',
+        "Content-Type": stored.media_type,
+    }
+    if head:
+        response = web.Response(headers=headers)
+        response.content_length = len(stored.data)
+        return response
+    return web.Response(body=stored.data, headers=headers)
+
+
+async def get_manifest(request: web.Request) -> web.Response:
+    name = local_name_for_read(request)
+    reference = request.match_info["reference"]
+    _check_reference(reference)
+    stored = request.app[REGISTRY].get_manifest(name, reference)  # inline: small, cached
+    return manifest_response(stored, request.method == "HEAD")
+
+
+async def put_manifest(request: web.Request) -> web.Response:
+    name = local_name_for_write(request)
+    reference = request.match_info["reference"]
+    _check_reference(reference)
+    data = await read_capped(request, mf.MAX_MANIFEST_SIZE)
+    if not data:
+        raise ManifestInvalid("empty manifest")
+    algorithm = reference.partition(":")[0] if is_digest(reference) else "sha256"
+    offload = request.app[OFFLOAD]
+    small = len(data) <= INLINE_LIMIT
+    digest = of_bytes(data, algorithm) if small else await offload.run(of_bytes, data, algorithm)
+    if is_digest(reference) and str(digest) != reference:
+        raise DigestInvalid(
+            "manifest digest does not match the reference",
+            detail={"expected": reference, "actual": str(digest)},
+        )
+    content_type = request.headers.get("Content-Type")
+    parsed = (
+        mf.parse(data, content_type) if small else await offload.run(mf.parse, data, content_type)
+    )
+    tag = None if is_digest(reference) else reference
+    store = request.app[REGISTRY]
+    await offload.run(store.put_manifest, name, data, parsed, digest, tag)
+    headers = {
+        "Location": f"/v2/{name}/manifests/{digest}",
+        "Docker-Content-Digest": str(digest),
+    }
+    if parsed.subject is not None:
+        headers["OCI-Subject"] = str(parsed.subject.digest)
+    return web.Response(status=201, headers=headers)
+
+
+async def delete_manifest(request: web.Request) -> web.Response:
+    name = local_name_for_write(request)
+    reference = request.match_info["reference"]
+    _check_reference(reference)
+    store = request.app[REGISTRY]
+    if is_digest(reference):
+        await request.app[OFFLOAD].run(store.delete_manifest, name, Digest.parse(reference))
+    else:
+        await request.app[OFFLOAD].run(store.delete_tag, name, reference)
+    return web.Response(status=202)

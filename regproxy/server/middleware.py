@@ -1,0 +1,66 @@
+"""Render every error as the OCI JSON envelope; add the API version header."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+
+from aiohttp import web
+
+from regproxy.errors import NameUnknown, PayloadTooLarge, RegistryError, StorageFull, Unsupported
+
+log = logging.getLogger("regproxy.server")
+
+API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
+
+
+def error_response(error: RegistryError, method: str = "GET") -> web.Response:
+    headers = {**API_VERSION_HEADER, **error.headers}
+    body = None if method == "HEAD" else json.dumps(error.envelope()).encode()
+    response = web.Response(
+        status=error.status, body=body, content_type="application/json", headers=headers
+    )
+    if body is None:
+        response.content_length = len(json.dumps(error.envelope()))
+    return response
+
+
+def _from_http(exc: web.HTTPException) -> RegistryError | None:
+    if exc.status == 404:
+        return NameUnknown("unknown endpoint")
+    if exc.status == 405:
+        return Unsupported("method not allowed on this endpoint")
+    if exc.status == 413:
+        return PayloadTooLarge()
+    return None
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except RegistryError as exc:
+        return error_response(exc, request.method)
+    except web.HTTPException as exc:
+        mapped = _from_http(exc)
+        if mapped is None:
+            raise
+        return error_response(mapped, request.method)
+    except ConnectionResetError:
+        raise  # the client went away; nothing to answer
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            log.error("storage full on %s %s", request.method, request.path)
+            return error_response(StorageFull(), request.method)
+        log.exception("storage error on %s %s", request.method, request.path)
+        return error_response(
+            RegistryError(f"storage error: {exc.strerror or exc}"), request.method
+        )
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(RegistryError("internal error"), request.method)
+
+
+async def add_api_version(_request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.setdefault("Docker-Distribution-API-Version", "registry/2.0")

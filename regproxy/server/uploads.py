@@ -1,0 +1,162 @@
+"""Blob uploads: POST (session, monolithic, mount), PATCH, PUT, GET status, DELETE."""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+
+from aiohttp import web
+
+from regproxy.digest import Digest
+from regproxy.errors import (
+    BlobUploadInvalid,
+    DigestInvalid,
+    NameInvalid,
+    RangeNotSatisfiable,
+    SizeInvalid,
+)
+from regproxy.reference import validate_name
+from regproxy.server.bodies import chunks, parse_content_range
+from regproxy.server.keys import OFFLOAD, REGISTRY, UPLOADS
+from regproxy.server.names import local_name_for_write
+from regproxy.storage.uploads import UploadSession
+
+#: One request at a time per session: an asyncio lock per live session id.
+SESSION_LOCKS = web.AppKey("upload_locks", weakref.WeakValueDictionary)
+
+
+def _session_lock(request: web.Request, upload_id: str) -> asyncio.Lock:
+    locks = request.app[SESSION_LOCKS]
+    lock = locks.get(upload_id)
+    if lock is None:
+        lock = locks[upload_id] = asyncio.Lock()
+    return lock
+
+
+def _progress_headers(session: UploadSession) -> dict[str, str]:
+    end = max(session.offset - 1, 0)
+    return {
+        "Location": f"/v2/{session.name}/blobs/uploads/{session.id}",
+        "Range": f"0-{end}",
+        "Docker-Upload-UUID": session.id,
+        "Blob-Upload-Session-ID": session.id,
+    }
+
+
+def _created(name: str, digest: Digest) -> web.Response:
+    return web.Response(
+        status=201,
+        headers={"Location": f"/v2/{name}/blobs/{digest}", "Docker-Content-Digest": str(digest)},
+    )
+
+
+def _digest_param(request: web.Request) -> Digest:
+    values = request.query.getall("digest", [])
+    if not values:
+        raise DigestInvalid("the digest query parameter is required to finish an upload")
+    return Digest.parse(values[0])
+
+
+async def _receive(request: web.Request, session: UploadSession) -> int:
+    """Stream the body into the session, overlapping the network read with write+hash."""
+    offload = request.app[OFFLOAD]
+    uploads = request.app[UPLOADS]
+    received = 0
+    pending: asyncio.Future[int] | None = None
+    try:
+        async for pieces in chunks(request):
+            if pending is not None:
+                await pending
+            received += sum(len(p) for p in pieces)
+            pending = asyncio.ensure_future(offload.run(uploads.append, session, pieces))
+    finally:
+        if pending is not None:
+            # the write already started in a thread: always let it finish, so the
+            # session's offset and hash stay consistent with its file
+            await asyncio.shield(pending)
+    return received
+
+
+async def _receive_chunk(request: web.Request, session: UploadSession) -> None:
+    """A PATCH or final PUT body, checked against Content-Range/Content-Length when given."""
+    header = request.headers.get("Content-Range")
+    expected = None
+    if header is not None:
+        try:
+            start, end = parse_content_range(header, session.offset)
+        except RangeNotSatisfiable as exc:
+            exc.headers.update(_progress_headers(session))
+            raise
+        expected = end - start + 1
+        if request.content_length is not None and request.content_length != expected:
+            raise SizeInvalid("Content-Length does not match Content-Range")
+    received = await _receive(request, session)
+    if expected is not None and received != expected:
+        raise SizeInvalid(f"received {received} bytes, Content-Range announced {expected}")
+
+
+async def start_upload(request: web.Request) -> web.Response:
+    name = local_name_for_write(request)
+    store = request.app[REGISTRY]
+    offload = request.app[OFFLOAD]
+    mount = request.query.get("mount")
+    source = request.query.get("from")
+    if mount is not None and source:
+        digest = Digest.parse(mount)
+        try:
+            validate_name(source)
+        except NameInvalid:
+            source = None
+        if source and await offload.run(store.mount_blob, name, digest, source):
+            return _created(name, digest)
+        # not mountable (or no access): fall back to a normal upload, as the spec says
+    session = await offload.run(request.app[UPLOADS].create, name)
+    if "digest" in request.query:
+        return await _finish(request, session, monolithic=True)
+    return web.Response(status=202, headers=_progress_headers(session))
+
+
+async def _finish(request: web.Request, session: UploadSession, monolithic: bool) -> web.Response:
+    digest = _digest_param(request)
+    uploads = request.app[UPLOADS]
+    offload = request.app[OFFLOAD]
+    async with _session_lock(request, session.id):
+        try:
+            await _receive_chunk(request, session)
+        except BaseException:
+            if monolithic:
+                await offload.run(uploads.cancel, session)
+            raise
+        await offload.run(uploads.finish, session, digest, request.app[REGISTRY])
+    return _created(session.name, digest)
+
+
+async def patch_upload(request: web.Request) -> web.Response:
+    name = local_name_for_write(request)
+    session = request.app[UPLOADS].get(name, request.match_info["upload_id"])
+    lock = _session_lock(request, session.id)
+    if lock.locked():
+        raise BlobUploadInvalid("another request is writing to this upload")
+    async with lock:
+        await _receive_chunk(request, session)
+    return web.Response(status=202, headers=_progress_headers(session))
+
+
+async def put_upload(request: web.Request) -> web.Response:
+    name = local_name_for_write(request)
+    session = request.app[UPLOADS].get(name, request.match_info["upload_id"])
+    return await _finish(request, session, monolithic=False)
+
+
+async def upload_status(request: web.Request) -> web.Response:
+    name = local_name_for_write(request)
+    session = request.app[UPLOADS].get(name, request.match_info["upload_id"])
+    return web.Response(status=204, headers=_progress_headers(session))
+
+
+async def cancel_upload(request: web.Request) -> web.Response:
+    name = local_name_for_write(request)
+    uploads = request.app[UPLOADS]
+    session = uploads.get(name, request.match_info["upload_id"])
+    await request.app[OFFLOAD].run(uploads.cancel, session)
+    return web.Response(status=204)

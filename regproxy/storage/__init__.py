@@ -1,0 +1,1 @@
+"""The synchronous storage core shared by `serve` and the offline commands."""

@@ -1,0 +1,39 @@
+"""The one thread hop: disk work and hashing run here, in a bounded thread pool.
+
+Coroutines never call `open()`, `os.*` or hash large buffers themselves; they
+`await offload.run(store.method, …)`. The only calls made inline on the event
+loop are the cheap metadata reads named in `INLINE_SAFE` (a tag file, a
+revision link, a cached manifest: a few hundred bytes from the page cache),
+where a thread hop would cost more than the read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import ParamSpec, TypeVar
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+#: Store methods the server may call on the event loop (small metadata only).
+INLINE_SAFE = frozenset(
+    {"get_manifest", "resolve", "blob_size", "is_linked", "tag_digest", "has_manifest", "tags"}
+)
+
+
+class Offload:
+    """A bounded thread pool for blocking storage work."""
+
+    def __init__(self, workers: int = 16) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="regproxy-io")
+
+    async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        loop = asyncio.get_running_loop()
+        call = functools.partial(fn, *args, **kwargs) if kwargs else functools.partial(fn, *args)
+        return await loop.run_in_executor(self._executor, call)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=False)

@@ -1,0 +1,148 @@
+"""Filesystem backend: atomic writes, moves across filesystems, advisory locks."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_name(folder: Path) -> Path:
+    """A fresh temp path; the leading dot keeps it out of tag and repository listings."""
+    return folder / f".tmp-{uuid.uuid4().hex}"
+
+
+class FsBackend:
+    """Implements `Backend` over a local filesystem."""
+
+    def read(self, path: Path) -> bytes | None:
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def write_atomic(self, path: Path, data: bytes) -> None:
+        folder = path.parent
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = temp_name(folder)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(folder)
+
+    def ensure(self, path: Path) -> None:
+        if os.path.exists(path):
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        os.close(fd)
+        fsync_dir(path.parent)
+
+    def exists(self, path: Path) -> bool:
+        return os.path.exists(path)
+
+    def size(self, path: Path) -> int | None:
+        try:
+            return os.stat(path).st_size
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def remove(self, path: Path) -> bool:
+        try:
+            os.unlink(path)
+            return True
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
+    def names(self, folder: Path) -> list[str]:
+        try:
+            return [n for n in os.listdir(folder) if not n.startswith(".")]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def move_into(self, src: Path, dst: Path, tmp_dir: Path) -> None:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(src, dst)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            # Another filesystem: copy into the store's own temp folder, fsync, then rename.
+            tmp_dir.mkdir(parents=True, exist_ok=True)
+            staged = temp_name(tmp_dir)
+            try:
+                with open(src, "rb") as fin, open(staged, "wb") as fout:
+                    shutil.copyfileobj(fin, fout, 1024 * 1024)
+                    fout.flush()
+                    os.fsync(fout.fileno())
+                os.replace(staged, dst)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(staged)
+                raise
+            os.unlink(src)
+        fsync_dir(dst.parent)
+
+    def touch(self, path: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(path)
+
+    @contextlib.contextmanager
+    def _lock(self, path: Path, mode: int) -> Iterator[None]:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, mode)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def shared_lock(self, path: Path) -> contextlib.AbstractContextManager[None]:
+        return self._lock(path, fcntl.LOCK_SH)
+
+    def exclusive_lock(self, path: Path) -> contextlib.AbstractContextManager[None]:
+        return self._lock(path, fcntl.LOCK_EX)
+
+    def walk_files(self, folder: Path) -> Iterator[Path]:
+        for dirpath, _dirs, files in os.walk(folder):
+            for name in files:
+                yield Path(dirpath, name)
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def prune_empty_dirs(path: Path, stop: Path) -> None:
+    """Remove `path` and its parents while empty, never `stop` itself."""
+    path, stop = Path(path), Path(stop)
+    while path != stop and stop in path.parents:
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
+        path = path.parent

@@ -1,0 +1,74 @@
+"""The one map from (name, digest, tag, upload id) to paths inside a store root.
+
+```
+<root>/
+  blobs/<alg>/<2 hex>/<hex>                      immutable bytes: layers, configs, manifests
+  repositories/<name…>/_tags/<tag>               text: digest (mtime = last set / revalidated)
+  repositories/<name…>/_manifests/<alg>/<hex>    media type; presence = revision is in the repo
+  repositories/<name…>/_layers/<alg>/<hex>       empty; the blob is linked into the repo
+  repositories/<name…>/_referrers/<alg>/<subject hex>/<alg>-<hex>
+                                                 empty; a manifest whose subject is that digest
+  repositories/<name…>/_pulled                   (proxy store) mtime = last pull of the repo
+  tmp/                                           the store's own temp files (same filesystem)
+  lock                                           advisory lock: commits shared, gc sweep exclusive
+```
+
+Names and tags are validated by `reference` before they reach here; a valid
+name component never starts with `_` or `.`, and a tag never starts with `.`,
+so metadata folders and temp files (`.tmp-*`) cannot collide with them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from regproxy.digest import Digest
+from regproxy.reference import validate_name, validate_tag
+
+TAGS = "_tags"
+MANIFESTS = "_manifests"
+LAYERS = "_layers"
+REFERRERS = "_referrers"
+PULLED = "_pulled"
+REPO_MARKERS = (MANIFESTS, LAYERS, TAGS)
+
+
+class Layout:
+    """Paths of one store; every method validates its inputs again (defence in depth)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.blobs = self.root / "blobs"
+        self.repositories = self.root / "repositories"
+        self.tmp = self.root / "tmp"
+        self.lock = self.root / "lock"
+
+    def blob(self, digest: Digest) -> Path:
+        return self.blobs / digest.algorithm / digest.hex[:2] / digest.hex
+
+    def repo(self, name: str) -> Path:
+        return self.repositories / validate_name(name)
+
+    def tags_dir(self, name: str) -> Path:
+        return self.repo(name) / TAGS
+
+    def tag(self, name: str, tag: str) -> Path:
+        return self.tags_dir(name) / validate_tag(tag)
+
+    def revisions_dir(self, name: str) -> Path:
+        return self.repo(name) / MANIFESTS
+
+    def revision(self, name: str, digest: Digest) -> Path:
+        return self.revisions_dir(name) / digest.algorithm / digest.hex
+
+    def layer(self, name: str, digest: Digest) -> Path:
+        return self.repo(name) / LAYERS / digest.algorithm / digest.hex
+
+    def referrers_dir(self, name: str, subject: Digest) -> Path:
+        return self.repo(name) / REFERRERS / subject.algorithm / subject.hex
+
+    def referrer(self, name: str, subject: Digest, referrer: Digest) -> Path:
+        return self.referrers_dir(name, subject) / f"{referrer.algorithm}-{referrer.hex}"
+
+    def pulled(self, name: str) -> Path:
+        return self.repo(name) / PULLED

@@ -1,0 +1,326 @@
+"""`Store`: blobs, manifests, tags, repository links and referrers of one store root.
+
+Both the pushed-images store and the proxy cache are `Store`s. All methods are
+synchronous; the server calls the ones that touch large files through
+`storage.aio`, and the cheap metadata reads (a tag file, a revision link, a
+cached manifest) inline.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from regproxy import manifest as mf
+from regproxy.digest import Digest
+from regproxy.errors import (
+    BlobUnknown,
+    DigestInvalid,
+    ManifestBlobUnknown,
+    ManifestUnknown,
+    NameUnknown,
+)
+from regproxy.reference import validate_tag
+from regproxy.storage.backend import Backend
+from regproxy.storage.fs import FsBackend, prune_empty_dirs
+from regproxy.storage.layout import REPO_MARKERS, Layout
+
+
+class ManifestCache:
+    """Manifest bytes by digest. Content is immutable, so entries never go stale."""
+
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
+        self._items: OrderedDict[Digest, bytes] = OrderedDict()
+        self._bytes = 0
+        self._max = max_bytes
+        self._lock = threading.Lock()
+
+    def get(self, digest: Digest) -> bytes | None:
+        with self._lock:
+            data = self._items.get(digest)
+            if data is not None:
+                self._items.move_to_end(digest)
+            return data
+
+    def put(self, digest: Digest, data: bytes) -> None:
+        if len(data) > self._max // 4:
+            return
+        with self._lock:
+            if digest in self._items:
+                return
+            self._items[digest] = data
+            self._bytes += len(data)
+            while self._bytes > self._max:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= len(old)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredManifest:
+    digest: Digest
+    media_type: str
+    data: bytes
+
+
+class Store:
+    """One store root (pushed images or the proxy cache)."""
+
+    def __init__(self, root: Path, backend: Backend | None = None) -> None:
+        self.layout = Layout(root)
+        self.backend: Backend = backend or FsBackend()
+        self.manifests = ManifestCache()
+        for folder in (self.layout.blobs, self.layout.repositories, self.layout.tmp):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def root(self) -> Path:
+        return self.layout.root
+
+    def shared_lock(self):
+        """Held by every commit for a few milliseconds; gc's sweep takes it exclusively."""
+        return self.backend.shared_lock(self.layout.lock)
+
+    def exclusive_lock(self):
+        return self.backend.exclusive_lock(self.layout.lock)
+
+    # ---- blobs -------------------------------------------------------------------------
+
+    def blob_path(self, digest: Digest) -> Path:
+        return self.layout.blob(digest)
+
+    def has_blob(self, digest: Digest) -> bool:
+        return self.backend.exists(self.layout.blob(digest))
+
+    def is_linked(self, name: str, digest: Digest) -> bool:
+        """Whether the blob is visible in `name`: pushed or mounted there, or a manifest of it."""
+        return self.backend.exists(self.layout.layer(name, digest)) or self.backend.exists(
+            self.layout.revision(name, digest)
+        )
+
+    def blob_size(self, name: str, digest: Digest) -> int:
+        """Size of a blob visible in `name`; `BlobUnknown` otherwise."""
+        if self.is_linked(name, digest):
+            size = self.backend.size(self.layout.blob(digest))
+            if size is not None:
+                return size
+        raise BlobUnknown(detail={"digest": str(digest)})
+
+    def commit_blob(self, name: str, src: Path, digest: Digest) -> None:
+        """Move a verified temp file into `blobs/` and link it into `name`.
+
+        When the blob already exists the temp file is dropped and the existing one
+        touched, which restarts its gc grace period.
+        """
+        target = self.layout.blob(digest)
+        with self.shared_lock():
+            if self.backend.exists(target):
+                self.backend.remove(src)
+                self.backend.touch(target)
+            else:
+                self.backend.move_into(src, target, self.layout.tmp)
+            self.backend.ensure(self.layout.layer(name, digest))
+
+    def write_blob(self, name: str | None, data: bytes, digest: Digest) -> None:
+        """Store a small verified buffer as a blob (manifests, proxy fetches of configs)."""
+        target = self.layout.blob(digest)
+        with self.shared_lock():
+            if self.backend.exists(target):
+                self.backend.touch(target)
+            else:
+                self.backend.write_atomic(target, data)
+            if name is not None:
+                self.backend.ensure(self.layout.layer(name, digest))
+
+    def mount_blob(self, name: str, digest: Digest, source: str) -> bool:
+        """Link a blob from `source` into `name`; False when `source` does not have it."""
+        with self.shared_lock():
+            if not self.backend.exists(self.layout.layer(source, digest)):
+                return False
+            target = self.layout.blob(digest)
+            if not self.backend.exists(target):
+                return False
+            self.backend.touch(target)
+            self.backend.ensure(self.layout.layer(name, digest))
+        return True
+
+    def unlink_blob(self, name: str, digest: Digest) -> None:
+        if not self.backend.remove(self.layout.layer(name, digest)):
+            raise BlobUnknown(detail={"digest": str(digest)})
+
+    # ---- manifests ---------------------------------------------------------------------
+
+    def missing_references(self, name: str, manifest: mf.Manifest) -> list[str]:
+        """Digests a manifest needs that `name` does not have (blobs and child manifests)."""
+        missing = [
+            str(d.digest)
+            for d in manifest.blobs
+            if not (
+                self.backend.exists(self.layout.layer(name, d.digest))
+                and self.backend.exists(self.layout.blob(d.digest))
+            )
+        ]
+        missing += [
+            str(d.digest)
+            for d in manifest.children
+            if not self.backend.exists(self.layout.revision(name, d.digest))
+        ]
+        return missing
+
+    def put_manifest(
+        self,
+        name: str,
+        data: bytes,
+        manifest: mf.Manifest,
+        digest: Digest,
+        tag: str | None = None,
+        check_references: bool = True,
+    ) -> None:
+        """Store a parsed manifest's exact bytes as a revision of `name`, then set the tag."""
+        if check_references:
+            missing = self.missing_references(name, manifest)
+            if missing:
+                raise ManifestBlobUnknown(
+                    f"manifest references {len(missing)} unknown blob(s) or manifest(s)",
+                    detail={"digests": missing[:50]},
+                )
+        target = self.layout.blob(digest)
+        with self.shared_lock():
+            if self.backend.exists(target):
+                self.backend.touch(target)
+            else:
+                self.backend.write_atomic(target, data)
+            revision = self.layout.revision(name, digest)
+            if self.backend.read(revision) != manifest.media_type.encode():
+                self.backend.write_atomic(revision, manifest.media_type.encode())
+            if manifest.subject is not None:
+                self.backend.ensure(self.layout.referrer(name, manifest.subject.digest, digest))
+            if tag is not None:
+                self.set_tag(name, tag, digest)
+        self.manifests.put(digest, data)
+
+    def set_tag(self, name: str, tag: str, digest: Digest) -> None:
+        self.backend.write_atomic(self.layout.tag(name, tag), str(digest).encode())
+
+    def tag_digest(self, name: str, tag: str) -> Digest | None:
+        raw = self.backend.read(self.layout.tag(name, validate_tag(tag)))
+        if raw is None:
+            return None
+        try:
+            return Digest.parse(raw.decode().strip())
+        except (UnicodeDecodeError, DigestInvalid):
+            return None  # a damaged tag file reads as absent; verify reports it
+
+    def resolve(self, name: str, reference: str) -> Digest:
+        """A tag or digest → the digest of a revision present in `name`."""
+        if ":" in reference:
+            digest = Digest.parse(reference)
+        else:
+            found = self.tag_digest(name, reference)
+            if found is None:
+                raise ManifestUnknown(detail={"tag": reference})
+            digest = found
+        return digest
+
+    def media_type(self, name: str, digest: Digest) -> str | None:
+        raw = self.backend.read(self.layout.revision(name, digest))
+        return raw.decode(errors="replace").strip() if raw else None
+
+    def get_manifest(self, name: str, reference: str) -> StoredManifest:
+        """The manifest `reference` (tag or digest) of `name`: digest, media type, bytes."""
+        digest = self.resolve(name, reference)
+        media_type = self.media_type(name, digest)
+        if media_type is None:
+            raise ManifestUnknown(detail={"reference": reference})
+        data = self.manifests.get(digest)
+        if data is None:
+            data = self.backend.read(self.layout.blob(digest))
+            if data is None:
+                raise ManifestUnknown(detail={"reference": reference})
+            self.manifests.put(digest, data)
+        return StoredManifest(digest, media_type, data)
+
+    def has_manifest(self, name: str, digest: Digest) -> bool:
+        return self.backend.exists(self.layout.revision(name, digest))
+
+    def delete_tag(self, name: str, tag: str) -> None:
+        if not self.backend.remove(self.layout.tag(name, tag)):
+            raise ManifestUnknown(detail={"tag": tag})
+
+    def delete_manifest(self, name: str, digest: Digest) -> None:
+        """Remove a revision, every tag pointing at it and its referrer entry."""
+        revision = self.layout.revision(name, digest)
+        if not self.backend.exists(revision):
+            raise ManifestUnknown(detail={"digest": str(digest)})
+        data = self.manifests.get(digest) or self.backend.read(self.layout.blob(digest))
+        with self.shared_lock():
+            for tag in self.tags(name, missing_ok=True):
+                if self.tag_digest(name, tag) == digest:
+                    self.backend.remove(self.layout.tag(name, tag))
+            self.backend.remove(revision)
+            if data is not None:
+                try:
+                    subject = mf.parse(data).subject
+                except Exception:
+                    subject = None
+                if subject is not None:
+                    link = self.layout.referrer(name, subject.digest, digest)
+                    self.backend.remove(link)
+                    prune_empty_dirs(link.parent, self.layout.repo(name))
+
+    # ---- listings ----------------------------------------------------------------------
+
+    def repository_exists(self, name: str) -> bool:
+        repo = self.layout.repo(name)
+        return any(self.backend.exists(repo / marker) for marker in REPO_MARKERS)
+
+    def tags(self, name: str, missing_ok: bool = False) -> list[str]:
+        """Sorted tags of `name`; `NameUnknown` when the repository does not exist."""
+        if not missing_ok and not self.repository_exists(name):
+            raise NameUnknown(detail={"name": name})
+        return sorted(self.backend.names(self.layout.tags_dir(name)))
+
+    def repositories(self) -> list[str]:
+        """Every repository name in the store, sorted."""
+        found: list[str] = []
+        root = str(self.layout.repositories)
+        for dirpath, dirs, _files in os.walk(root):
+            if any(d in REPO_MARKERS for d in dirs):
+                found.append(os.path.relpath(dirpath, root))
+            dirs[:] = [d for d in dirs if not d.startswith(("_", "."))]
+        return sorted(found)
+
+    def referrers(self, name: str, subject: Digest, artifact_type: str | None = None) -> list[dict]:
+        """Descriptors of manifests in `name` whose subject is `subject`."""
+        out: list[dict] = []
+        for entry in sorted(self.backend.names(self.layout.referrers_dir(name, subject))):
+            algorithm, _, hex_ = entry.partition("-")
+            try:
+                digest = Digest.parse(f"{algorithm}:{hex_}")
+                stored = self.get_manifest(name, str(digest))
+                parsed = mf.parse(stored.data, stored.media_type)
+            except Exception:
+                continue
+            kind = parsed.referrer_artifact_type()
+            if artifact_type is not None and kind != artifact_type:
+                continue
+            out.append(
+                mf.Descriptor(
+                    stored.media_type,
+                    digest,
+                    len(stored.data),
+                    artifact_type=kind,
+                    annotations=parsed.annotations or None,
+                ).to_json()
+            )
+        return out
+
+    def mark_pulled(self, name: str) -> None:
+        """Record a pull of a cached repository (LRU eviction reads its mtime)."""
+        path = self.layout.pulled(name)
+        if self.backend.exists(path):
+            self.backend.touch(path)
+        else:
+            self.backend.ensure(path)

@@ -1,0 +1,172 @@
+"""Upload sessions in `temporary_registry_storage`: offset, running hash, append, finish.
+
+```
+<temporary_registry_storage>/uploads/<id>/data    the bytes received so far
+<temporary_registry_storage>/uploads/<id>/info    JSON: repository, owner, start time
+```
+
+The running sha256 lives in memory; a session found on disk after a restart
+has none, and `finish` re-hashes its file instead. Writes and hashing happen
+in one call per chunk so the server can do both in one thread hop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from regproxy.digest import Digest, Hasher, new_hasher
+from regproxy.errors import BlobUploadUnknown, DigestInvalid
+from regproxy.storage.fs import remove_tree
+from regproxy.storage.store import Store
+
+_ID_RE = re.compile(r"[0-9a-f]{32}")
+HASH_BLOCK = 1024 * 1024
+
+
+@dataclass
+class UploadSession:
+    id: str
+    name: str
+    folder: Path
+    offset: int = 0
+    hasher: Hasher | None = field(default=None, repr=False)
+    started: float = 0.0
+    owner: str | None = None
+    touched: float = 0.0
+
+    @property
+    def data_path(self) -> Path:
+        return self.folder / "data"
+
+
+class Uploads:
+    """All upload sessions of one temp root."""
+
+    def __init__(self, temp_root: Path) -> None:
+        self.root = Path(temp_root) / "uploads"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._live: dict[str, UploadSession] = {}
+        self._lock = threading.Lock()
+
+    def create(self, name: str, owner: str | None = None) -> UploadSession:
+        upload_id = uuid.uuid4().hex
+        folder = self.root / upload_id
+        folder.mkdir()
+        now = time.time()
+        info = {"name": name, "owner": owner, "started": now}
+        (folder / "info").write_text(json.dumps(info))
+        (folder / "data").touch()
+        session = UploadSession(upload_id, name, folder, 0, new_hasher(), now, owner, now)
+        with self._lock:
+            self._live[upload_id] = session
+        return session
+
+    def get(self, name: str, upload_id: str) -> UploadSession:
+        """The session `upload_id` of repository `name`; `BlobUploadUnknown` otherwise."""
+        if not _ID_RE.fullmatch(upload_id):
+            raise BlobUploadUnknown(detail={"uuid": upload_id[:100]})
+        with self._lock:
+            session = self._live.get(upload_id)
+        if session is None:
+            session = self._load(upload_id)
+        if session is None or session.name != name:
+            raise BlobUploadUnknown(detail={"uuid": upload_id})
+        return session
+
+    def _load(self, upload_id: str) -> UploadSession | None:
+        """A session left on disk by an earlier process: no running hash, offset = file size."""
+        folder = self.root / upload_id
+        try:
+            info = json.loads((folder / "info").read_text())
+            size = os.stat(folder / "data").st_size
+        except (OSError, ValueError):
+            return None
+        session = UploadSession(
+            upload_id,
+            info.get("name", ""),
+            folder,
+            size,
+            None,
+            float(info.get("started", 0)),
+            info.get("owner"),
+            time.time(),
+        )
+        with self._lock:
+            session = self._live.setdefault(upload_id, session)
+        return session
+
+    def append(self, session: UploadSession, pieces: Iterable[bytes]) -> int:
+        """Append and hash `pieces` at the session's end; return the new offset."""
+        with open(session.data_path, "ab") as f:
+            for piece in pieces:
+                f.write(piece)
+                if session.hasher is not None:
+                    session.hasher.update(piece)
+                session.offset += len(piece)
+        session.touched = time.time()
+        return session.offset
+
+    def _digest_of_file(self, session: UploadSession, algorithm: str) -> str:
+        hasher = new_hasher(algorithm)
+        with open(session.data_path, "rb") as f:
+            while block := f.read(HASH_BLOCK):
+                hasher.update(block)
+        return hasher.hexdigest()
+
+    def finish(self, session: UploadSession, expected: Digest, store: Store) -> int:
+        """Verify the digest, then commit the bytes as a blob of the session's repository.
+
+        A mismatch deletes the session (the upload failed) and raises `DigestInvalid`;
+        nothing becomes visible.
+        """
+        size = os.stat(session.data_path).st_size
+        if size != session.offset:
+            # another process or a crash changed the file: trust only a full re-hash
+            session.hasher = None
+        if session.hasher is not None and expected.algorithm == "sha256":
+            actual = session.hasher.hexdigest()
+        else:
+            actual = self._digest_of_file(session, expected.algorithm)
+        if actual != expected.hex:
+            self.cancel(session)
+            raise DigestInvalid(
+                detail={"expected": str(expected), "actual": f"{expected.algorithm}:{actual}"}
+            )
+        with open(session.data_path, "rb+") as f:
+            os.fsync(f.fileno())
+        store.commit_blob(session.name, session.data_path, expected)
+        self.cancel(session)
+        return size
+
+    def cancel(self, session: UploadSession) -> None:
+        with self._lock:
+            self._live.pop(session.id, None)
+        remove_tree(session.folder)
+
+    def purge(self, max_age: float, now: float | None = None) -> int:
+        """Remove sessions idle for longer than `max_age` seconds; return how many."""
+        now = time.time() if now is None else now
+        removed = 0
+        for entry in os.scandir(self.root):
+            if not entry.is_dir():
+                continue
+            with self._lock:
+                live = self._live.get(entry.name)
+            try:
+                last = live.touched if live else os.stat(Path(entry.path) / "data").st_mtime
+            except OSError:
+                last = 0.0
+            if now - last > max_age:
+                with self._lock:
+                    self._live.pop(entry.name, None)
+                remove_tree(Path(entry.path))
+                removed += 1
+        return removed
