@@ -11,8 +11,9 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from regproxy.config import Config
+from regproxy.proxy.cache import ProxyCache
 from regproxy.server import base, blobs, listings, manifests, referrers, uploads
-from regproxy.server.keys import CONFIG, OFFLOAD, PROXY_STORE, REGISTRY, UPLOADS
+from regproxy.server.keys import CONFIG, OFFLOAD, PROXY, PROXY_STORE, REGISTRY, UPLOADS
 from regproxy.server.middleware import add_api_version, errors_middleware
 from regproxy.storage.aio import Offload
 from regproxy.storage.fs import remove_tree
@@ -71,11 +72,15 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         # leftovers of commits that a crash interrupted; never visible, safe to drop
         await offload.run(remove_tree, store.layout.tmp)
         await offload.run(store.layout.tmp.mkdir, exist_ok=True)
+    session = ProxyCache.new_session()
+    app[PROXY] = ProxyCache(config, app[PROXY_STORE], offload, session)
     purge = asyncio.create_task(_purge_uploads_forever(app))
     yield
     purge.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await purge
+    await app[PROXY].close()
+    await session.close()
     offload.close()
 
 

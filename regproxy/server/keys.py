@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from regproxy.config import Config
+from regproxy.proxy.cache import ProxyCache
 from regproxy.storage.aio import Offload
 from regproxy.storage.store import Store
 from regproxy.storage.uploads import Uploads
@@ -14,3 +15,4 @@ REGISTRY = web.AppKey("registry_store", Store)
 PROXY_STORE = web.AppKey("proxy_store", Store)
 UPLOADS = web.AppKey("uploads", Uploads)
 OFFLOAD = web.AppKey("offload", Offload)
+PROXY = web.AppKey("proxy_cache", ProxyCache)

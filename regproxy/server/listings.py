@@ -8,8 +8,8 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from regproxy.errors import PaginationInvalid
-from regproxy.server.keys import OFFLOAD, REGISTRY
-from regproxy.server.names import local_name_for_read
+from regproxy.server.keys import OFFLOAD, PROXY, REGISTRY
+from regproxy.server.names import read_target
 
 #: The largest page a client may ask for, and the catalog's page without `n`.
 MAX_PAGE = 10_000
@@ -46,9 +46,13 @@ def _json(body: dict, link: str | None) -> web.Response:
 
 
 async def list_tags(request: web.Request) -> web.Response:
-    name = local_name_for_read(request)
-    store = request.app[REGISTRY]
-    tags = await request.app[OFFLOAD].run(store.tags, name)
+    target = read_target(request)
+    if isinstance(target, str):
+        name = target
+        tags = await request.app[OFFLOAD].run(request.app[REGISTRY].tags, name)
+    else:
+        name = target.local
+        tags = await request.app[PROXY].tags(target)
     page, link = paginate(request, tags, None)
     return _json({"name": name, "tags": page}, link)
 

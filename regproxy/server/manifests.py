@@ -8,10 +8,11 @@ from regproxy import manifest as mf
 from regproxy.digest import Digest, is_digest, of_bytes
 from regproxy.errors import DigestInvalid, ManifestInvalid
 from regproxy.reference import validate_tag
+from regproxy.server import proxied
 from regproxy.server.bodies import read_capped
 from regproxy.server.keys import OFFLOAD, REGISTRY
-from regproxy.server.names import local_name_for_read, local_name_for_write
-from regproxy.storage.store import StoredManifest
+from regproxy.server.names import local_name_for_write, read_target
+from regproxy.server.responses import manifest_response
 
 #: Manifests up to this size are hashed and parsed on the event loop (microseconds).
 INLINE_LIMIT = 64 * 1024
@@ -24,23 +25,13 @@ def _check_reference(reference: str) -> None:
         validate_tag(reference)
 
 
-def manifest_response(stored: StoredManifest, head: bool) -> web.Response:
-    headers = {
-        "Docker-Content-Digest": str(stored.digest),
-        "ETag": f'"{stored.digest}"',
-        "Content-Type": stored.media_type,
-    }
-    if head:
-        response = web.Response(headers=headers)
-        response.content_length = len(stored.data)
-        return response
-    return web.Response(body=stored.data, headers=headers)
-
-
 async def get_manifest(request: web.Request) -> web.Response:
-    name = local_name_for_read(request)
+    target = read_target(request)
     reference = request.match_info["reference"]
     _check_reference(reference)
+    if not isinstance(target, str):
+        return await proxied.get_manifest(request, target, reference)
+    name = target
     stored = request.app[REGISTRY].get_manifest(name, reference)  # inline: small, cached
     return manifest_response(stored, request.method == "HEAD")
 

@@ -17,13 +17,14 @@ API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
 
 def error_response(error: RegistryError, method: str = "GET") -> web.Response:
     headers = {**API_VERSION_HEADER, **error.headers}
-    body = None if method == "HEAD" else json.dumps(error.envelope()).encode()
-    response = web.Response(
+    encoded = json.dumps(error.envelope()).encode()
+    if method == "HEAD":
+        # aiohttp's content_length setter raises on web.Response: set the header itself
+        headers["Content-Length"] = str(len(encoded))
+    body = None if method == "HEAD" else encoded
+    return web.Response(
         status=error.status, body=body, content_type="application/json", headers=headers
     )
-    if body is None:
-        response.content_length = len(json.dumps(error.envelope()))
-    return response
 
 
 def _from_http(exc: web.HTTPException) -> RegistryError | None:

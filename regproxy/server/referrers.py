@@ -8,16 +8,21 @@ from aiohttp import web
 
 from regproxy.digest import Digest
 from regproxy.manifest import OCI_INDEX
-from regproxy.server.keys import OFFLOAD, REGISTRY
-from regproxy.server.names import local_name_for_read
+from regproxy.server.keys import OFFLOAD, PROXY, REGISTRY
+from regproxy.server.names import read_target
 
 
 async def list_referrers(request: web.Request) -> web.Response:
-    name = local_name_for_read(request)
+    target = read_target(request)
     subject = Digest.parse(request.match_info["digest"])
     artifact_type = request.query.get("artifactType") or None
-    store = request.app[REGISTRY]
-    found = await request.app[OFFLOAD].run(store.referrers, name, subject, artifact_type)
+    if isinstance(target, str):
+        store = request.app[REGISTRY]
+        found = await request.app[OFFLOAD].run(store.referrers, target, subject, artifact_type)
+    else:
+        found = await request.app[PROXY].referrers(target, subject)
+        if artifact_type is not None:
+            found = [d for d in found if d.get("artifactType") == artifact_type]
     body = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": found}
     headers = {"Content-Type": OCI_INDEX}
     if artifact_type is not None:

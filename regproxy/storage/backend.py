@@ -27,6 +27,9 @@ class Backend(Protocol):
     def size(self, path: Path) -> int | None:
         """File size, or None when it does not exist."""
 
+    def mtime(self, path: Path) -> float | None:
+        """Modification time, or None when it does not exist."""
+
     def remove(self, path: Path) -> bool:
         """Delete a file; False when it was not there."""
 

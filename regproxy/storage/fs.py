@@ -72,6 +72,12 @@ class FsBackend:
         except (FileNotFoundError, NotADirectoryError):
             return None
 
+    def mtime(self, path: Path) -> float | None:
+        try:
+            return os.stat(path).st_mtime
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
     def remove(self, path: Path) -> bool:
         try:
             os.unlink(path)

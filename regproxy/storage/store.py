@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,6 +213,19 @@ class Store:
             return Digest.parse(raw.decode().strip())
         except (UnicodeDecodeError, DigestInvalid):
             return None  # a damaged tag file reads as absent; verify reports it
+
+    def tag_age(self, name: str, tag: str) -> float | None:
+        """Seconds since the tag was set or last revalidated; None when absent."""
+        mtime = self.backend.mtime(self.layout.tag(name, tag))
+        return None if mtime is None else max(0.0, time.time() - mtime)
+
+    def touch_tag(self, name: str, tag: str) -> None:
+        self.backend.touch(self.layout.tag(name, tag))
+
+    def record_pull(self, name: str, digest: Digest) -> None:
+        """A cached blob was served: link it into `name` and restart its LRU clock."""
+        self.backend.touch(self.layout.blob(digest))
+        self.backend.ensure(self.layout.layer(name, digest))
 
     def resolve(self, name: str, reference: str) -> Digest:
         """A tag or digest → the digest of a revision present in `name`."""

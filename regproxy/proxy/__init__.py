@@ -1,0 +1,1 @@
+"""The pull-through cache: upstream client, single-flight fetches, caching policy."""

@@ -1,0 +1,443 @@
+"""Pull-through policy: tag TTL with HEAD revalidation, stale-if-error, blob fetch-through.
+
+Cached content lives in `proxy_storage` under `<upstream>/<remote name>`, written
+with the same atomic, digest-checked store code as pushed images.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from regproxy import manifest as mf
+from regproxy.config import Config
+from regproxy.digest import Digest, of_bytes
+from regproxy.errors import (
+    BlobUnknown,
+    Denied,
+    ManifestInvalid,
+    ManifestUnknown,
+    NameUnknown,
+    RegistryError,
+    TooManyRequests,
+    UpstreamUnavailable,
+)
+from regproxy.proxy.flights import BlobFlight, FlightFailed, SingleFlight
+from regproxy.proxy.upstream import Upstream, UpstreamError, client_timeout
+from regproxy.reference import ProxyName
+from regproxy.storage.aio import Offload
+from regproxy.storage.store import Store, StoredManifest
+
+log = logging.getLogger("regproxy.proxy")
+
+HIT, MISS, REVALIDATED, STALE = "HIT", "MISS", "REVALIDATED", "STALE"
+FETCH_CHUNK = 1024 * 1024
+
+
+@dataclass
+class ProxyStats:
+    """Counters per upstream, read by metrics and tests."""
+
+    hits: dict[str, int] = field(default_factory=dict)
+    misses: dict[str, int] = field(default_factory=dict)
+    revalidations: dict[str, int] = field(default_factory=dict)
+    stale: dict[str, int] = field(default_factory=dict)
+    coalesced: dict[str, int] = field(default_factory=dict)
+    upstream_bytes: dict[str, int] = field(default_factory=dict)
+
+    def count(self, counter: dict[str, int], upstream: str, n: int = 1) -> None:
+        counter[upstream] = counter.get(upstream, 0) + n
+
+    def status(self, upstream: str, status: str) -> None:
+        target = {
+            HIT: self.hits,
+            MISS: self.misses,
+            REVALIDATED: self.revalidations,
+            STALE: self.stale,
+        }[status]
+        self.count(target, upstream)
+
+
+@dataclass(frozen=True, slots=True)
+class CachedManifest:
+    stored: StoredManifest
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class CachedBlob:
+    """Either a committed file (`flight` is None) or a fetch in progress to read from."""
+
+    digest: Digest
+    flight: BlobFlight | None
+    status: str
+
+
+def cache_name(target: ProxyName) -> str:
+    """The repository name inside `proxy_storage`: `<upstream>/<remote name>`."""
+    return f"{target.upstream}/{target.remote}"
+
+
+def accepts(accept: list[str], media_type: str) -> bool:
+    """Whether a client's Accept list admits `media_type` (no list means anything)."""
+    if not accept:
+        return True
+    for item in accept:
+        value = item.split(";", 1)[0].strip().lower()
+        if value in ("*/*", "application/*", media_type):
+            return True
+    return False
+
+
+def _error_for(exc: UpstreamError, not_found: type[RegistryError], what: str) -> RegistryError:
+    """Map an upstream failure (with nothing cached to fall back on) to our error."""
+    if exc.not_found:
+        return not_found(f"{what} not found upstream")
+    if exc.denied:
+        return Denied(f"upstream refused access to {what}: {exc}")
+    if exc.status == 429:
+        return TooManyRequests(f"upstream rate limit reached for {what}")
+    return UpstreamUnavailable(f"upstream unavailable for {what}: {exc}")
+
+
+class ProxyCache:
+    """The pull-through cache of every configured upstream."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        offload: Offload,
+        session: aiohttp.ClientSession,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.offload = offload
+        self.spool_dir = Path(config.temporary_registry_storage) / "spool"
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        self.upstreams = {
+            name: Upstream(name, upstream, session)
+            for name, upstream in config.proxy.upstreams.items()
+        }
+        self.stats = ProxyStats()
+        self._manifest_flights = SingleFlight()
+        self._blob_flights: dict[Digest, BlobFlight] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    @staticmethod
+    def new_session() -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
+            timeout=client_timeout(),
+            auto_decompress=False,
+            connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
+        )
+
+    def upstream(self, target: ProxyName) -> Upstream:
+        try:
+            return self.upstreams[target.upstream]
+        except KeyError:
+            raise NameUnknown(f"upstream {target.upstream!r} is not configured") from None
+
+    def _background(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for flight in list(self._blob_flights.values()):
+            flight.fail(FlightFailed("server shutting down"))
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # ---- manifests ---------------------------------------------------------------------
+
+    def _local(self, name: str, reference: str) -> StoredManifest | None:
+        try:
+            return self.store.get_manifest(name, reference)  # inline: small, cached
+        except (ManifestUnknown, NameUnknown):
+            return None
+
+    async def manifest(
+        self, target: ProxyName, reference: str, accept: list[str]
+    ) -> CachedManifest:
+        """The manifest `reference` of `target`, from the cache or the upstream."""
+        name = cache_name(target)
+        self.upstream(target)
+        if ":" in reference:
+            result = await self._manifest_by_digest(target, name, Digest.parse(reference))
+        else:
+            result = await self._manifest_by_tag(target, name, reference)
+            if not accepts(accept, result.stored.media_type):
+                # the client cannot read what the tag points at: ask upstream in its terms
+                result = await self._manifest_for_accept(target, name, reference, accept)
+        self.stats.status(target.upstream, result.status)
+        self._background(self.offload.run(self.store.mark_pulled, name))
+        return result
+
+    async def _manifest_by_digest(
+        self, target: ProxyName, name: str, digest: Digest
+    ) -> CachedManifest:
+        local = self._local(name, str(digest))
+        if local is not None:
+            return CachedManifest(local, HIT)
+        key = ("digest", name, digest)
+        if self._manifest_flights.joined(key):
+            self.stats.count(self.stats.coalesced, target.upstream)
+        stored = await self._manifest_flights.run(
+            key, lambda: self._fetch_manifest(target, name, str(digest), None)
+        )
+        return CachedManifest(stored, MISS)
+
+    async def _manifest_by_tag(self, target: ProxyName, name: str, tag: str) -> CachedManifest:
+        ttl = self.config.proxy.upstreams[target.upstream].tag_ttl
+        age = self.store.tag_age(name, tag)  # inline: one stat
+        local = self._local(name, tag) if age is not None else None
+        if local is not None and age is not None and age < ttl:
+            return CachedManifest(local, HIT)
+        key = ("tag", name, tag)
+        if self._manifest_flights.joined(key):
+            self.stats.count(self.stats.coalesced, target.upstream)
+        return await self._manifest_flights.run(
+            key, lambda: self._revalidate(target, name, tag, local)
+        )
+
+    async def _revalidate(
+        self, target: ProxyName, name: str, tag: str, local: StoredManifest | None
+    ) -> CachedManifest:
+        """One shared check of a stale tag: HEAD upstream, GET only when the digest moved."""
+        upstream = self.upstream(target)
+        try:
+            if local is not None:
+                resp = await upstream.manifest(target.remote, tag, method="HEAD")
+                resp.release()
+                if resp.status == 200:
+                    remote_digest = resp.headers.get("Docker-Content-Digest")
+                    if remote_digest == str(local.digest):
+                        await self.offload.run(self.store.touch_tag, name, tag)
+                        return CachedManifest(local, REVALIDATED)
+                elif resp.status == 404:
+                    await self.offload.run(self._forget_tag, name, tag)
+                    raise UpstreamError("tag not found upstream", 404)
+                elif resp.status != 405:
+                    raise UpstreamError(f"HEAD answered {resp.status}", resp.status)
+            stored = await self._fetch_manifest(target, name, tag, tag)
+            return CachedManifest(stored, MISS if local is None else REVALIDATED)
+        except UpstreamError as exc:
+            if local is not None and not exc.not_found:
+                log.warning(
+                    "serving stale %s/%s:%s: upstream %s: %s",
+                    target.upstream,
+                    target.remote,
+                    tag,
+                    target.upstream,
+                    exc,
+                )
+                return CachedManifest(local, STALE)
+            raise _error_for(exc, ManifestUnknown, f"manifest {target.remote}:{tag}") from None
+
+    def _forget_tag(self, name: str, tag: str) -> None:
+        with contextlib.suppress(ManifestUnknown):
+            self.store.delete_tag(name, tag)
+
+    async def _manifest_for_accept(
+        self, target: ProxyName, name: str, tag: str, accept: list[str]
+    ) -> CachedManifest:
+        key = ("accept", name, tag, tuple(accept))
+        stored = await self._manifest_flights.run(
+            key, lambda: self._fetch_manifest(target, name, tag, None, ", ".join(accept))
+        )
+        return CachedManifest(stored, MISS)
+
+    async def _fetch_manifest(
+        self,
+        target: ProxyName,
+        name: str,
+        reference: str,
+        tag: str | None,
+        accept: str = mf.ACCEPT_ALL,
+    ) -> StoredManifest:
+        """GET a manifest upstream, verify its digest, store it (and the tag)."""
+        upstream = self.upstream(target)
+        try:
+            resp = await upstream.manifest(target.remote, reference, accept=accept)
+            try:
+                if resp.status != 200:
+                    raise UpstreamError(f"GET manifest answered {resp.status}", resp.status)
+                data = await resp.content.read(mf.MAX_MANIFEST_SIZE + 1)
+                if len(data) > mf.MAX_MANIFEST_SIZE:
+                    raise UpstreamError("upstream manifest is too large")
+                content_type = resp.headers.get("Content-Type")
+                header_digest = resp.headers.get("Docker-Content-Digest")
+            finally:
+                resp.release()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise UpstreamError(f"reading manifest failed: {exc!r}") from None
+        self.stats.count(self.stats.upstream_bytes, target.upstream, len(data))
+        algorithm = reference.partition(":")[0] if ":" in reference else "sha256"
+        digest = of_bytes(data, algorithm)
+        if ":" in reference and str(digest) != reference:
+            raise UpstreamError(f"upstream manifest does not match {reference}")
+        if (
+            header_digest
+            and header_digest.startswith(f"{algorithm}:")
+            and header_digest != str(digest)
+        ):
+            raise UpstreamError("upstream manifest does not match its Docker-Content-Digest")
+        try:
+            parsed = mf.parse(data, content_type)
+        except ManifestInvalid as exc:
+            raise UpstreamError(f"upstream sent an invalid manifest: {exc.message}") from None
+        await self.offload.run(
+            self.store.put_manifest, name, data, parsed, digest, tag, check_references=False
+        )
+        return StoredManifest(digest, parsed.media_type, data)
+
+    # ---- blobs -------------------------------------------------------------------------
+
+    async def blob(self, target: ProxyName, digest: Digest) -> CachedBlob:
+        """A cached blob, or the flight that is fetching it (started if need be)."""
+        self.upstream(target)
+        name = cache_name(target)
+        if self.store.has_blob(digest):  # inline: one stat
+            self._background(self.offload.run(self.store.record_pull, name, digest))
+            self.stats.status(target.upstream, HIT)
+            return CachedBlob(digest, None, HIT)
+        flight = self._blob_flights.get(digest)
+        if flight is not None:
+            self.stats.count(self.stats.coalesced, target.upstream)
+        else:
+            flight = await self._start_flight(target, name, digest)
+        self.stats.status(target.upstream, MISS)
+        return CachedBlob(digest, flight, MISS)
+
+    async def _start_flight(self, target: ProxyName, name: str, digest: Digest) -> BlobFlight:
+        spool = self.spool_dir / f"{digest.hex[:16]}-{uuid.uuid4().hex}"
+        fd = await self.offload.run(os.open, spool, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        existing = self._blob_flights.get(digest)
+        if existing is not None:  # another request started one while we created the file
+            await self.offload.run(os.close, fd)
+            await self.offload.run(os.unlink, spool)
+            return existing
+        flight = BlobFlight(digest, spool, fd)
+        self._blob_flights[digest] = flight
+        # owned by the app, not the request: a client that disconnects does not stop it
+        self._background(self._fetch_blob(target, name, flight))
+        return flight
+
+    async def _fetch_blob(self, target: ProxyName, name: str, flight: BlobFlight) -> None:
+        upstream = self.upstream(target)
+        digest = flight.digest
+        try:
+            resp = await upstream.blob(target.remote, str(digest))
+            try:
+                if resp.status != 200:
+                    raise FlightFailed(f"upstream answered {resp.status}", resp.status)
+                flight.start_streaming(resp.content_length)
+                await self._spool(resp, flight, target.upstream)
+            finally:
+                resp.release()
+            if flight.total is not None and flight.written != flight.total:
+                raise FlightFailed(f"upstream sent {flight.written} of {flight.total} bytes")
+            await self.offload.run(self.store.commit_blob, name, flight.spool, digest)
+            flight.commit()
+        except UpstreamError as exc:
+            self._fail(flight, FlightFailed(str(exc), exc.status))
+        except FlightFailed as exc:
+            self._fail(flight, exc)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            self._fail(flight, FlightFailed(f"upstream transfer failed: {exc!r}"))
+        except asyncio.CancelledError:
+            self._fail(flight, FlightFailed("fetch cancelled"))
+            raise
+        finally:
+            if self._blob_flights.get(digest) is flight:
+                del self._blob_flights[digest]
+
+    async def _spool(self, resp: aiohttp.ClientResponse, flight: BlobFlight, upstream: str) -> None:
+        """Stream the body into the spool while hashing; overlap network reads with writes."""
+        hasher = flight.digest.hasher()
+        pieces: list[bytes] = []
+        size = 0
+        pending: asyncio.Future[int] | None = None
+
+        async def flush() -> None:
+            nonlocal pending, pieces, size
+            if pending is not None:
+                flight.advance(await pending)
+                pending = None
+            if pieces:
+                pending = asyncio.ensure_future(self.offload.run(flight.write_sync, pieces, hasher))
+                pieces, size = [], 0
+
+        async for data in resp.content.iter_any():
+            pieces.append(data)
+            size += len(data)
+            self.stats.count(self.stats.upstream_bytes, upstream, len(data))
+            if flight.total is not None and flight.written + size > flight.total + FETCH_CHUNK:
+                raise FlightFailed("upstream sent more bytes than announced")
+            if size >= FETCH_CHUNK:
+                await flush()
+        await flush()
+        await flush()
+        if hasher.hexdigest() != flight.digest.hex:
+            raise FlightFailed("upstream blob does not match its digest")
+
+    def _fail(self, flight: BlobFlight, error: FlightFailed) -> None:
+        log.warning("fetch of %s failed: %s", flight.digest, error)
+        flight.fail(error)
+
+    def flight_error(self, exc: FlightFailed, what: str) -> RegistryError:
+        return _error_for(UpstreamError(str(exc), exc.status), BlobUnknown, what)
+
+    async def blob_head(self, target: ProxyName, digest: Digest) -> int | None:
+        """Size of an uncached blob from an upstream HEAD (nothing is fetched)."""
+        upstream = self.upstream(target)
+        try:
+            resp = await upstream.request(
+                "HEAD", f"/v2/{target.remote}/blobs/{digest}", upstream.scope(target.remote)
+            )
+            resp.release()
+        except UpstreamError as exc:
+            raise _error_for(exc, BlobUnknown, f"blob {digest}") from None
+        if resp.status != 200:
+            raise _error_for(UpstreamError("", resp.status), BlobUnknown, f"blob {digest}")
+        return resp.content_length
+
+    # ---- listings ----------------------------------------------------------------------
+
+    async def tags(self, target: ProxyName) -> list[str]:
+        """Upstream's tag list, or the cached tags when the upstream cannot answer."""
+        upstream = self.upstream(target)
+        name = cache_name(target)
+        try:
+            body, _headers = await upstream.get_json(
+                f"/v2/{target.remote}/tags/list", target.remote
+            )
+            tags = body.get("tags") if isinstance(body, dict) else None
+            return sorted(t for t in (tags or []) if isinstance(t, str))
+        except UpstreamError as exc:
+            if exc.not_found:
+                raise NameUnknown(f"{target.remote} not found upstream") from None
+            cached = await self.offload.run(self.store.tags, name, True)
+            if not cached:
+                raise _error_for(exc, NameUnknown, target.remote) from None
+            return cached
+
+    async def referrers(self, target: ProxyName, digest: Digest) -> list[dict]:
+        upstream = self.upstream(target)
+        try:
+            body, _ = await upstream.get_json(
+                f"/v2/{target.remote}/referrers/{digest}", target.remote
+            )
+            found = body.get("manifests") if isinstance(body, dict) else None
+            return [d for d in (found or []) if isinstance(d, dict)]
+        except UpstreamError:
+            return await self.offload.run(self.store.referrers, cache_name(target), digest)

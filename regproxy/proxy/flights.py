@@ -1,0 +1,154 @@
+"""Single-flight: one upstream fetch however many requests ask at once.
+
+`SingleFlight` shares the result of a small coroutine (a manifest revalidation).
+`BlobFlight` is one blob being streamed from upstream into a spool file: every
+requester, the first included, reads the spool at its own pace; the last byte
+is only released once the digest has been verified and the blob committed, so
+a failed fetch can never look like a complete body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from pathlib import Path
+from typing import TypeVar
+
+from regproxy.digest import Digest
+from regproxy.storage.aio import Offload
+
+T = TypeVar("T")
+READ_CHUNK = 1024 * 1024
+
+
+class SingleFlight:
+    """Concurrent callers with the same key share one running coroutine."""
+
+    def __init__(self) -> None:
+        self._running: dict[Hashable, asyncio.Future] = {}
+
+    async def run(self, key: Hashable, factory: Callable[[], Awaitable[T]]) -> T:
+        future = self._running.get(key)
+        if future is None:
+            future = asyncio.ensure_future(factory())
+            self._running[key] = future
+            future.add_done_callback(lambda _f: self._running.pop(key, None))
+        # shield: a caller that goes away must not cancel the work others wait for
+        return await asyncio.shield(future)
+
+    def joined(self, key: Hashable) -> bool:
+        return key in self._running
+
+
+class FlightFailed(Exception):
+    """The upstream fetch failed; `status` is the upstream HTTP status when there was one."""
+
+    def __init__(self, reason: str, status: int | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+class BlobFlight:
+    """One blob streaming from upstream into a spool file, readable while it grows."""
+
+    CONNECTING, STREAMING, COMMITTED, FAILED = "connecting", "streaming", "committed", "failed"
+
+    def __init__(self, digest: Digest, spool: Path, fd: int) -> None:
+        self.digest = digest
+        self.spool = spool
+        self._fd = fd
+        self.written = 0
+        self.total: int | None = None
+        self.state = self.CONNECTING
+        self.error: FlightFailed | None = None
+        self.readers = 0
+        self._event = asyncio.Event()
+
+    # ---- writer side (the app-owned fetch task) ----------------------------------------
+
+    def _notify(self) -> None:
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+    def start_streaming(self, total: int | None) -> None:
+        self.total = total
+        self.state = self.STREAMING
+        self._notify()
+
+    def write_sync(self, pieces: list[bytes], hasher: object) -> int:
+        """Append and hash (in a worker thread); returns the number of bytes written."""
+        n = 0
+        for piece in pieces:
+            view = memoryview(piece)
+            while view:
+                done = os.pwrite(self._fd, view, self.written + n)
+                view = view[done:]
+                n += done
+            hasher.update(piece)  # type: ignore[attr-defined]
+        return n
+
+    def advance(self, n: int) -> None:
+        self.written += n
+        self._notify()
+
+    def commit(self) -> None:
+        self.state = self.COMMITTED
+        self._notify()
+        self._maybe_close()
+
+    def fail(self, error: FlightFailed) -> None:
+        self.state = self.FAILED
+        self.error = error
+        with contextlib.suppress(OSError):
+            os.unlink(self.spool)
+        self._notify()
+        self._maybe_close()
+
+    def _maybe_close(self) -> None:
+        if self.readers == 0 and self.state in (self.COMMITTED, self.FAILED) and self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    # ---- reader side --------------------------------------------------------------------
+
+    async def wait_ready(self) -> None:
+        """Until the upstream answered with a body (or failed: then raise)."""
+        while self.state == self.CONNECTING:
+            await self._event.wait()
+        if self.state == self.FAILED:
+            assert self.error is not None
+            raise self.error
+
+    async def wait_done(self) -> None:
+        while self.state in (self.CONNECTING, self.STREAMING):
+            await self._event.wait()
+        if self.state == self.FAILED:
+            assert self.error is not None
+            raise self.error
+
+    async def read(self, offload: Offload) -> AsyncIterator[bytes]:
+        """The whole blob from the spool, as it arrives; raises `FlightFailed` on failure."""
+        self.readers += 1
+        try:
+            pos = 0
+            while True:
+                if self.state == self.FAILED:
+                    assert self.error is not None
+                    raise self.error
+                # never hand out the final byte before the digest is verified
+                limit = self.written if self.state == self.COMMITTED else self.written - 1
+                if pos < limit:
+                    data = await offload.run(os.pread, self._fd, min(READ_CHUNK, limit - pos), pos)
+                    if not data:
+                        raise FlightFailed("spool file shrank")
+                    pos += len(data)
+                    yield data
+                    continue
+                if self.state == self.COMMITTED:
+                    return
+                await self._event.wait()
+        finally:
+            self.readers -= 1
+            self._maybe_close()

@@ -1,0 +1,236 @@
+"""One HTTP client per upstream registry: token challenge flow, redirects, timeouts.
+
+Credentials go only to the upstream's own host: a redirect to another host
+(Docker Hub's CDN) is followed without the Authorization header, and the
+redirect target is never cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode, urljoin, urlsplit
+
+import aiohttp
+
+from regproxy.config import Secret, UpstreamConfig
+from regproxy.manifest import ACCEPT_ALL
+
+log = logging.getLogger("regproxy.upstream")
+
+_CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
+MAX_REDIRECTS = 5
+TOKEN_MARGIN = 10.0  # seconds before expiry at which a cached token is renewed
+
+
+class UpstreamError(Exception):
+    """The upstream could not answer: unreachable, 5xx, 429, auth refused, or bad data."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def not_found(self) -> bool:
+        return self.status == 404
+
+    @property
+    def denied(self) -> bool:
+        return self.status in (401, 403)
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    scheme: str
+    params: dict[str, str]
+
+
+def parse_challenge(header: str) -> Challenge | None:
+    """Parse `WWW-Authenticate: Bearer realm="…",service="…",scope="…"` (or Basic)."""
+    scheme, _, rest = header.strip().partition(" ")
+    if not scheme:
+        return None
+    params = {
+        m.group(1).lower(): (m.group(2) if m.group(2) is not None else m.group(3))
+        for m in _CHALLENGE_PARAM.finditer(rest)
+    }
+    return Challenge(scheme.lower(), params)
+
+
+@dataclass(slots=True)
+class _Token:
+    value: str
+    expires: float
+
+
+class Upstream:
+    """A configured upstream registry; one aiohttp session shared by all its requests."""
+
+    def __init__(self, name: str, config: UpstreamConfig, session: aiohttp.ClientSession) -> None:
+        self.name = name
+        self.config = config
+        self.base = config.url.rstrip("/")
+        self._host = urlsplit(self.base).netloc
+        self._session = session
+        self._username = config.username
+        self._password: Secret | None = config.resolved_password()
+        self._tokens: dict[str, _Token] = {}
+        self._token_locks: dict[str, asyncio.Lock] = {}
+        self._basic = False  # the upstream asked for Basic auth
+        self.requests = 0  # requests sent (for metrics and tests)
+
+    # ---- authentication ----------------------------------------------------------------
+
+    def _basic_header(self) -> str | None:
+        if self._username is None or self._password is None:
+            return None
+        raw = f"{self._username}:{self._password}".encode()
+        return "Basic " + base64.b64encode(raw).decode()
+
+    def _auth_header(self, scope: str) -> str | None:
+        token = self._tokens.get(scope)
+        if token is not None and token.expires > time.monotonic():
+            return f"Bearer {token.value}"
+        if self._basic:
+            return self._basic_header()
+        return None
+
+    async def _fetch_token(self, challenge: Challenge, scope: str) -> None:
+        realm = challenge.params.get("realm")
+        if not realm:
+            raise UpstreamError(f"{self.name}: Bearer challenge without a realm", 401)
+        query = {"scope": challenge.params.get("scope") or scope}
+        if challenge.params.get("service"):
+            query["service"] = challenge.params["service"]
+        headers = {}
+        basic = self._basic_header()
+        if basic:
+            headers["Authorization"] = basic
+        url = f"{realm}{'&' if '?' in realm else '?'}{urlencode(query)}"
+        self.requests += 1
+        try:
+            async with self._session.get(url, headers=headers, allow_redirects=True) as resp:
+                if resp.status != 200:
+                    raise UpstreamError(f"{self.name}: token endpoint answered {resp.status}", 401)
+                body = await resp.json(content_type=None)
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            raise UpstreamError(f"{self.name}: token request failed: {exc!r}") from None
+        value = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
+        if not isinstance(value, str) or not value:
+            raise UpstreamError(f"{self.name}: token endpoint returned no token", 401)
+        lifetime = body.get("expires_in") if isinstance(body.get("expires_in"), int) else 60
+        self._tokens[scope] = _Token(value, time.monotonic() + max(lifetime - TOKEN_MARGIN, 1))
+
+    async def _authenticate(self, header: str, scope: str, sent: str | None) -> bool:
+        """React to a 401: fetch a token (once for concurrent callers) or switch to Basic."""
+        challenge = parse_challenge(header)
+        if challenge is None:
+            return False
+        if challenge.scheme == "basic":
+            if self._basic or self._basic_header() is None:
+                return False
+            self._basic = True
+            return True
+        if challenge.scheme != "bearer":
+            return False
+        lock = self._token_locks.setdefault(scope, asyncio.Lock())
+        async with lock:
+            if self._auth_header(scope) not in (None, sent):
+                return True  # another request renewed the token meanwhile
+            self._tokens.pop(scope, None)
+            await self._fetch_token(challenge, scope)
+        return True
+
+    # ---- requests ----------------------------------------------------------------------
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        scope: str,
+        headers: dict[str, str] | None = None,
+        params: dict[str, str] | None = None,
+    ) -> aiohttp.ClientResponse:
+        """Send a request, answering one auth challenge and following redirects.
+
+        The caller must release the response. Raises `UpstreamError` on transport
+        errors; HTTP error statuses are returned for the caller to judge.
+        """
+        url = self.base + path
+        for attempt in range(2):
+            sent = self._auth_header(scope)
+            hdrs = dict(headers or {})
+            if sent:
+                hdrs["Authorization"] = sent
+            resp = await self._send(method, url, hdrs, params)
+            if resp.status != 401 or attempt == 1:
+                return resp
+            challenge = resp.headers.get("WWW-Authenticate", "")
+            resp.release()
+            if not await self._authenticate(challenge, scope, sent):
+                raise UpstreamError(f"{self.name}: authentication refused", 401)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _send(
+        self, method: str, url: str, headers: dict[str, str], params: dict[str, str] | None
+    ) -> aiohttp.ClientResponse:
+        for _ in range(MAX_REDIRECTS + 1):
+            self.requests += 1
+            try:
+                resp = await self._session.request(
+                    method, url, headers=headers, params=params, allow_redirects=False
+                )
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                raise UpstreamError(f"{self.name}: {method} {url}: {exc!r}") from None
+            if resp.status not in (301, 302, 303, 307, 308) or "Location" not in resp.headers:
+                return resp
+            target = urljoin(url, resp.headers["Location"])
+            resp.release()
+            if urlsplit(target).netloc != self._host:
+                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            url, params = target, None
+            if method not in ("GET", "HEAD"):
+                method = "GET"
+        raise UpstreamError(f"{self.name}: too many redirects")
+
+    @staticmethod
+    def scope(remote: str) -> str:
+        return f"repository:{remote}:pull"
+
+    async def manifest(
+        self, remote: str, reference: str, method: str = "GET", accept: str = ACCEPT_ALL
+    ) -> aiohttp.ClientResponse:
+        return await self.request(
+            method,
+            f"/v2/{remote}/manifests/{reference}",
+            self.scope(remote),
+            headers={"Accept": accept},
+        )
+
+    async def blob(self, remote: str, digest: str) -> aiohttp.ClientResponse:
+        return await self.request("GET", f"/v2/{remote}/blobs/{digest}", self.scope(remote))
+
+    async def get_json(
+        self, path: str, remote: str, params: dict[str, str] | None = None
+    ) -> tuple[Any, dict[str, str]]:
+        """A small JSON document (tags, referrers) and the response headers."""
+        resp = await self.request("GET", path, self.scope(remote), params=params)
+        try:
+            if resp.status != 200:
+                raise UpstreamError(f"{self.name}: GET {path} answered {resp.status}", resp.status)
+            try:
+                return await resp.json(content_type=None), dict(resp.headers)
+            except (aiohttp.ClientError, ValueError, asyncio.TimeoutError) as exc:
+                raise UpstreamError(f"{self.name}: bad JSON from {path}: {exc!r}") from None
+        finally:
+            resp.release()
+
+
+def client_timeout() -> aiohttp.ClientTimeout:
+    """Connect quickly or fail; never wait forever for a stalled body."""
+    return aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10, sock_read=60)
