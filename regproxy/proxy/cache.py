@@ -130,6 +130,8 @@ class ProxyCache:
         self._manifest_flights = SingleFlight()
         self._blob_flights: dict[Digest, BlobFlight] = {}
         self._tasks: set[asyncio.Task] = set()
+        #: set after each blob committed to the cache: the evictor checks the byte budget
+        self.grew = asyncio.Event()
 
     @staticmethod
     def new_session() -> aiohttp.ClientSession:
@@ -348,6 +350,7 @@ class ProxyCache:
                 raise FlightFailed(f"upstream sent {flight.written} of {flight.total} bytes")
             await self.offload.run(self.store.commit_blob, name, flight.spool, digest)
             flight.commit()
+            self.grew.set()
         except UpstreamError as exc:
             self._fail(flight, FlightFailed(str(exc), exc.status))
         except FlightFailed as exc:

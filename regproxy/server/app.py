@@ -15,6 +15,7 @@ from regproxy.proxy.cache import ProxyCache
 from regproxy.server import base, blobs, listings, manifests, referrers, uploads
 from regproxy.server.keys import CONFIG, OFFLOAD, PROXY, PROXY_STORE, REGISTRY, UPLOADS
 from regproxy.server.middleware import add_api_version, errors_middleware
+from regproxy.storage import gc
 from regproxy.storage.aio import Offload
 from regproxy.storage.fs import remove_tree
 from regproxy.storage.store import Store
@@ -23,6 +24,7 @@ from regproxy.storage.uploads import Uploads
 log = logging.getLogger("regproxy.server")
 
 NAME = "{name:[^{}]+}"
+EVICTION_INTERVAL = 10.0
 
 
 def _routes(app: web.Application) -> None:
@@ -61,6 +63,28 @@ async def _purge_uploads_forever(app: web.Application) -> None:
             log.warning("upload purge failed: %s", exc)
 
 
+async def _evict_proxy_forever(app: web.Application) -> None:
+    """Keep the proxy cache under `proxy_max_size`, checking after it grows (at most every 10 s)."""
+    budget = app[CONFIG].proxy_max_size
+    assert budget is not None
+    cache = app[PROXY]
+    while True:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(cache.grew.wait(), timeout=300)
+        cache.grew.clear()
+        try:
+            report = await app[OFFLOAD].run(gc.evict_lru, cache.store, budget)
+            if report.blobs_removed:
+                log.info(
+                    "proxy cache over budget: evicted %d blob(s), %d bytes",
+                    report.blobs_removed,
+                    report.bytes_freed,
+                )
+        except OSError as exc:
+            log.warning("proxy cache eviction failed: %s", exc)
+        await asyncio.sleep(EVICTION_INTERVAL)
+
+
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     offload = Offload()
@@ -74,11 +98,13 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await offload.run(store.layout.tmp.mkdir, exist_ok=True)
     session = ProxyCache.new_session()
     app[PROXY] = ProxyCache(config, app[PROXY_STORE], offload, session)
-    purge = asyncio.create_task(_purge_uploads_forever(app))
+    tasks = [asyncio.create_task(_purge_uploads_forever(app))]
+    if config.proxy_max_size is not None:
+        tasks.append(asyncio.create_task(_evict_proxy_forever(app)))
     yield
-    purge.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await purge
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     await app[PROXY].close()
     await session.close()
     offload.close()

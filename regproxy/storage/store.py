@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from regproxy.errors import (
     ManifestBlobUnknown,
     ManifestUnknown,
     NameUnknown,
+    RegistryError,
 )
 from regproxy.reference import validate_tag
 from regproxy.storage.backend import Backend
@@ -180,15 +182,16 @@ class Store:
         check_references: bool = True,
     ) -> None:
         """Store a parsed manifest's exact bytes as a revision of `name`, then set the tag."""
-        if check_references:
-            missing = self.missing_references(name, manifest)
-            if missing:
-                raise ManifestBlobUnknown(
-                    f"manifest references {len(missing)} unknown blob(s) or manifest(s)",
-                    detail={"digests": missing[:50]},
-                )
         target = self.layout.blob(digest)
         with self.shared_lock():
+            # checked under the lock, so a gc sweep cannot remove a blob between check and write
+            if check_references:
+                missing = self.missing_references(name, manifest)
+                if missing:
+                    raise ManifestBlobUnknown(
+                        f"manifest references {len(missing)} unknown blob(s) or manifest(s)",
+                        detail={"digests": missing[:50]},
+                    )
             if self.backend.exists(target):
                 self.backend.touch(target)
             else:
@@ -277,7 +280,7 @@ class Store:
             if data is not None:
                 try:
                     subject = mf.parse(data).subject
-                except Exception:
+                except RegistryError:
                     subject = None
                 if subject is not None:
                     link = self.layout.referrer(name, subject.digest, digest)
@@ -306,16 +309,60 @@ class Store:
             dirs[:] = [d for d in dirs if not d.startswith(("_", "."))]
         return sorted(found)
 
+    def revisions(self, name: str) -> list[tuple[Digest, float]]:
+        """Every manifest revision of `name` with the mtime of its link."""
+        found = []
+        folder = self.layout.revisions_dir(name)
+        for algorithm in self.backend.names(folder):
+            for hex_ in self.backend.names(folder / algorithm):
+                try:
+                    digest = Digest.parse(f"{algorithm}:{hex_}")
+                except DigestInvalid:
+                    continue
+                mtime = self.backend.mtime(folder / algorithm / hex_)
+                if mtime is not None:
+                    found.append((digest, mtime))
+        return found
+
+    def referrer_digests(self, name: str, subject: Digest) -> list[Digest]:
+        out = []
+        for entry in self.backend.names(self.layout.referrers_dir(name, subject)):
+            algorithm, _, hex_ = entry.partition("-")
+            try:
+                out.append(Digest.parse(f"{algorithm}:{hex_}"))
+            except DigestInvalid:
+                continue
+        return out
+
+    def manifest_bytes(self, digest: Digest) -> bytes | None:
+        data = self.manifests.get(digest)
+        return data if data is not None else self.backend.read(self.layout.blob(digest))
+
+    def iter_blobs(self) -> Iterator[tuple[Digest, int, float]]:
+        """Every blob file: digest, size, mtime (files that do not parse are skipped)."""
+        for algorithm in self.backend.names(self.layout.blobs):
+            for prefix in self.backend.names(self.layout.blobs / algorithm):
+                folder = self.layout.blobs / algorithm / prefix
+                try:
+                    entries = list(os.scandir(folder))
+                except OSError:
+                    continue
+                for entry in entries:
+                    try:
+                        digest = Digest.parse(f"{algorithm}:{entry.name}")
+                        st = entry.stat()
+                    except (DigestInvalid, OSError):
+                        continue
+                    yield digest, st.st_size, st.st_mtime
+
     def referrers(self, name: str, subject: Digest, artifact_type: str | None = None) -> list[dict]:
         """Descriptors of manifests in `name` whose subject is `subject`."""
         out: list[dict] = []
-        for entry in sorted(self.backend.names(self.layout.referrers_dir(name, subject))):
-            algorithm, _, hex_ = entry.partition("-")
+        for digest in sorted(self.referrer_digests(name, subject), key=str):
             try:
-                digest = Digest.parse(f"{algorithm}:{hex_}")
                 stored = self.get_manifest(name, str(digest))
                 parsed = mf.parse(stored.data, stored.media_type)
-            except Exception:
+            except RegistryError:  # a dangling or damaged entry is skipped; verify reports it
                 continue
             kind = parsed.referrer_artifact_type()
             if artifact_type is not None and kind != artifact_type:
