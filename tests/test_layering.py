@@ -1,0 +1,69 @@
+"""Each layer imports nothing from the layers above it (cli → server → proxy → storage → leaves).
+
+Checked in a fresh interpreter per module, so one test's imports cannot hide another's.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+LAYERS = {
+    # module: packages it must not pull in
+    "regproxy.errors": [
+        "regproxy.storage",
+        "regproxy.proxy",
+        "regproxy.server",
+        "regproxy.cli",
+        "aiohttp",
+    ],
+    "regproxy.digest": ["regproxy.storage", "regproxy.proxy", "regproxy.server", "regproxy.cli"],
+    "regproxy.reference": ["regproxy.storage", "regproxy.proxy", "regproxy.server", "regproxy.cli"],
+    "regproxy.manifest": ["regproxy.storage", "regproxy.proxy", "regproxy.server", "regproxy.cli"],
+    "regproxy.config": [
+        "regproxy.storage",
+        "regproxy.proxy",
+        "regproxy.server",
+        "regproxy.cli",
+        "aiohttp",
+    ],
+    "regproxy.storage.store": [
+        "regproxy.proxy",
+        "regproxy.server",
+        "regproxy.cli",
+        "aiohttp",
+        "click",
+        "rich",
+    ],
+    "regproxy.storage.gc": [
+        "regproxy.proxy",
+        "regproxy.server",
+        "regproxy.cli",
+        "aiohttp",
+        "click",
+        "rich",
+    ],
+    "regproxy.storage.uploads": [
+        "regproxy.proxy",
+        "regproxy.server",
+        "regproxy.cli",
+        "aiohttp",
+        "click",
+        "rich",
+    ],
+    "regproxy.proxy.cache": ["regproxy.server", "regproxy.cli", "click", "rich"],
+    "regproxy.server.app": ["regproxy.cli", "click", "rich"],
+}
+
+
+@pytest.mark.parametrize("module", sorted(LAYERS))
+def test_layer_imports_nothing_above_it(module: str) -> None:
+    code = f"import sys, json; import {module}; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = json.loads(out.stdout)
+    for forbidden in LAYERS[module]:
+        offenders = [m for m in loaded if m == forbidden or m.startswith(forbidden + ".")]
+        assert not offenders, f"{module} pulls in {offenders}"

@@ -1,0 +1,21 @@
+"""The code stays ruff-clean: CI fails on a lint error like on a failing test."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ruff_clean() -> None:
+    ruff = shutil.which("ruff") or f"{sys.executable} -m ruff"
+    result = subprocess.run(
+        [*ruff.split(), "check", "regproxy", "tests", "--output-format", "concise"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
