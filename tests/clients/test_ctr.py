@@ -1,0 +1,154 @@
+"""containerd's ``ctr`` (the containerd our dockerd runs) pushing and pulling indexes.
+
+containerd keeps content byte for byte, so unlike docker and podman every digest survives:
+the index, each child manifest, each config and each compressed layer.
+
+Each test imports into one containerd namespace, pushes, removes the image there with
+``--sync`` (containerd then garbage-collects the content), and pulls into a second
+namespace: the pull can only succeed by downloading everything from the registry.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.dockerd import DockerDaemon
+from tests.support.images import (
+    OCI_INDEX,
+    Image,
+    ImageIndex,
+    make_image,
+    make_index,
+    sha256_digest,
+    write_oci_archive,
+)
+from tests.support.processes import RegistryServer
+from tests.support.registry_http import get_manifest
+from tests.support.tools import run, run_bytes
+
+_namespace_ids = itertools.count()
+
+
+class Ctr:
+    """``ctr`` bound to one containerd namespace."""
+
+    def __init__(self, daemon: DockerDaemon, namespace: str) -> None:
+        self.argv = daemon.ctr_argv(namespace)
+        self.namespace = namespace
+
+    def __call__(self, *args: str | Path) -> str:
+        return run([*self.argv, *args]).stdout
+
+    def image_names(self) -> list[str]:
+        return self("images", "list", "--quiet").split()
+
+    def image_digest(self, name: str) -> str:
+        """Target digest of image ``name`` (third column of ``ctr images list``)."""
+        for line in self("images", "list").splitlines()[1:]:
+            fields = line.split()
+            if fields and fields[0] == name:
+                return fields[2]
+        raise AssertionError(f"no image {name} in namespace {self.namespace}")
+
+    def content_digests(self) -> set[str]:
+        return set(self("content", "list", "--quiet").split())
+
+    def content(self, digest: str) -> bytes:
+        return run_bytes([*self.argv, "content", "get", digest]).stdout
+
+    def remove_all_images(self) -> None:
+        """Remove every image; ``--sync`` waits until containerd has deleted the content."""
+        names = self.image_names()
+        if names:
+            self("images", "remove", "--sync", *names)
+
+
+@pytest.fixture
+def new_ctr(dockerd: DockerDaemon) -> Iterator[Callable[[], Ctr]]:
+    """Factory of ``Ctr`` clients in fresh namespaces, emptied after the test."""
+    made: list[Ctr] = []
+
+    def make() -> Ctr:
+        client = Ctr(dockerd, f"regproxy-test-{next(_namespace_ids)}")
+        made.append(client)
+        return client
+
+    try:
+        yield make
+    finally:
+        for client in made:
+            client.remove_all_images()
+
+
+def push_from_archive(
+    ctr: Ctr, tmp_path: Path, content: Image | ImageIndex, dest: str, *import_flags: str
+) -> None:
+    """Import ``content`` from an OCI archive, push it to ``dest``, then delete it locally."""
+    name = "import.test/regproxy/image"
+    archive = write_oci_archive(tmp_path / "image.tar", content, "v1", name=name)
+    ctr("images", "import", *import_flags, archive)
+    assert ctr.image_digest(f"{name}:v1") == content.top_digest
+    ctr("images", "push", "--plain-http", dest, f"{name}:v1")
+    ctr.remove_all_images()
+    assert ctr.content_digests() == set(), "content survived image removal"
+
+
+def test_push_pull_index_all_platforms(
+    registry: RegistryServer, new_ctr: Callable[[], Ctr], repo: str, tmp_path: Path
+) -> None:
+    idx = make_index("ctr-index", (150 * 1024, 40 * 1024))
+    ref = f"{registry.host}/{repo}:v1"
+    push_from_archive(new_ctr(), tmp_path, idx, ref, "--all-platforms")
+
+    resp = get_manifest(registry.url, repo, "v1")
+    assert resp.status == 200
+    assert resp.body == idx.index
+    assert resp.header("Content-Type") == OCI_INDEX
+
+    puller = new_ctr()
+    puller("images", "pull", "--plain-http", "--all-platforms", ref)
+    assert puller.image_digest(ref) == idx.digest
+    expected = {**idx.blobs(), **idx.manifests()}
+    assert puller.content_digests() == set(expected)
+    for digest, data in expected.items():
+        assert puller.content(digest) == data, f"{digest} differs after the round trip"
+
+
+def test_pull_one_platform_of_index(
+    registry: RegistryServer, new_ctr: Callable[[], Ctr], repo: str, tmp_path: Path
+) -> None:
+    """A single-platform pull fetches that child's blobs and nothing of the other."""
+    idx = make_index("ctr-one-platform", (60 * 1024,))
+    ref = f"{registry.host}/{repo}:v1"
+    push_from_archive(new_ctr(), tmp_path, idx, ref, "--all-platforms")
+
+    puller = new_ctr()
+    puller("images", "pull", "--plain-http", "--platform", "linux/arm64", ref)
+    arm64 = idx.image_for("arm64")
+    assert puller.content_digests() == {idx.digest, *arm64.manifests(), *arm64.blobs()}
+    assert sha256_digest(puller.content(arm64.config_digest)) == arm64.config_digest
+
+
+def test_push_pull_single_manifest(
+    registry: RegistryServer, new_ctr: Callable[[], Ctr], repo: str, tmp_path: Path
+) -> None:
+    """A plain image manifest (no index), pulled back by tag and by digest."""
+    img = make_image("ctr-image", (220 * 1024, 10 * 1024))
+    ref = f"{registry.host}/{repo}:v1"
+    push_from_archive(new_ctr(), tmp_path, img, ref)
+    assert sha256_digest(get_manifest(registry.url, repo, "v1").body) == img.manifest_digest
+
+    by_tag = new_ctr()
+    by_tag("images", "pull", "--plain-http", ref)
+    assert by_tag.image_digest(ref) == img.manifest_digest
+    assert by_tag.content_digests() == {img.manifest_digest, *img.blobs()}
+    by_tag.remove_all_images()
+
+    by_digest = new_ctr()
+    digest_ref = f"{registry.host}/{repo}@{img.manifest_digest}"
+    by_digest("images", "pull", "--plain-http", digest_ref)
+    assert by_digest.image_digest(digest_ref) == img.manifest_digest
