@@ -65,7 +65,9 @@ def parse_size(value: Any) -> int:
         if match:
             unit = (match.group(2) or "").lower().rstrip("b")
             power = "kmgtp".find(unit[:1]) + 1 if unit else 0
-            base = 1024 if unit.endswith("i") or len(unit) == 1 else 1000
+            # "GB" is decimal; "GiB" and a bare "G" are binary (test before "b" was stripped)
+            decimal = (match.group(2) or "").lower().endswith("b") and not unit.endswith("i")
+            base = 1000 if decimal else 1024
             return int(float(match.group(1)) * base**power)
     raise ValueError(f'expected a size such as 1073741824, "512MiB" or "10GB", got {value!r}')
 
@@ -182,6 +184,9 @@ def _convert(value: Any, tp: Any, key: str, base: Path) -> Any:
     if origin in (Union, types.UnionType):
         options = [a for a in get_args(tp) if a is not type(None)]
         return _convert(value, options[0], key, base)
+    if isinstance(value, _EnvText):
+        # an environment value is text for string keys (a numeric password stays a string)
+        value = str(value) if tp in (str, Secret, Path) else value.parsed
     if origin is dict:
         _, value_type = get_args(tp)
         if not isinstance(value, Mapping):
@@ -241,11 +246,19 @@ def _env_key(part: str) -> str:
     return re.sub(r"[^A-Z0-9]", "_", part.upper())
 
 
+class _EnvText(str):
+    """An environment value: its text, plus its value as a TOML scalar (`parsed`)."""
+
+    parsed: Any
+
+
 def _env_value(text: str) -> Any:
+    value = _EnvText(text)
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        value.parsed = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
-        return text
+        value.parsed = text
+    return value
 
 
 def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:

@@ -136,6 +136,8 @@ def parse(data: bytes, content_type: str | None = None) -> Manifest:
         doc = json.loads(data)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ManifestInvalid(f"manifest is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ManifestInvalid("manifest JSON is nested too deeply") from None
     if not isinstance(doc, dict):
         raise ManifestInvalid("manifest is not a JSON object")
     if doc.get("schemaVersion") != 2:

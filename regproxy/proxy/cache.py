@@ -193,9 +193,12 @@ class ProxyCache:
         key = ("digest", name, digest)
         if self._manifest_flights.joined(key):
             self.stats.count(self.stats.coalesced, target.upstream)
-        stored = await self._manifest_flights.run(
-            key, lambda: self._fetch_manifest(target, name, str(digest), None)
-        )
+        try:
+            stored = await self._manifest_flights.run(
+                key, lambda: self._fetch_manifest(target, name, str(digest), None)
+            )
+        except UpstreamError as exc:
+            raise _error_for(exc, ManifestUnknown, f"manifest {target.remote}@{digest}") from None
         return CachedManifest(stored, MISS)
 
     async def _manifest_by_tag(self, target: ProxyName, name: str, tag: str) -> CachedManifest:
@@ -234,14 +237,7 @@ class ProxyCache:
             return CachedManifest(stored, MISS if local is None else REVALIDATED)
         except UpstreamError as exc:
             if local is not None and not exc.not_found:
-                log.warning(
-                    "serving stale %s/%s:%s: upstream %s: %s",
-                    target.upstream,
-                    target.remote,
-                    tag,
-                    target.upstream,
-                    exc,
-                )
+                log.warning("serving stale %s/%s:%s: %s", target.upstream, target.remote, tag, exc)
                 return CachedManifest(local, STALE)
             raise _error_for(exc, ManifestUnknown, f"manifest {target.remote}:{tag}") from None
 
@@ -253,9 +249,12 @@ class ProxyCache:
         self, target: ProxyName, name: str, tag: str, accept: list[str]
     ) -> CachedManifest:
         key = ("accept", name, tag, tuple(accept))
-        stored = await self._manifest_flights.run(
-            key, lambda: self._fetch_manifest(target, name, tag, None, ", ".join(accept))
-        )
+        try:
+            stored = await self._manifest_flights.run(
+                key, lambda: self._fetch_manifest(target, name, tag, None, ", ".join(accept))
+            )
+        except UpstreamError as exc:
+            raise _error_for(exc, ManifestUnknown, f"manifest {target.remote}:{tag}") from None
         return CachedManifest(stored, MISS)
 
     async def _fetch_manifest(
@@ -386,7 +385,7 @@ class ProxyCache:
             self.stats.count(self.stats.upstream_bytes, upstream, len(data))
             if flight.total is not None and flight.written + size > flight.total + FETCH_CHUNK:
                 raise FlightFailed("upstream sent more bytes than announced")
-            if size >= FETCH_CHUNK:
+            if size >= FETCH_CHUNK or pending is None or pending.done():
                 await flush()
         await flush()
         await flush()

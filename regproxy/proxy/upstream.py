@@ -25,7 +25,9 @@ log = logging.getLogger("regproxy.upstream")
 
 _CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
 MAX_REDIRECTS = 5
-TOKEN_MARGIN = 10.0  # seconds before expiry at which a cached token is renewed
+TOKEN_MARGIN = 10.0
+#: manifests, tags, HEADs and tokens: a stalled upstream must not hold a pull for long
+SMALL_TIMEOUT = aiohttp.ClientTimeout(total=20, sock_connect=10)
 
 
 class UpstreamError(Exception):
@@ -114,12 +116,14 @@ class Upstream:
         url = f"{realm}{'&' if '?' in realm else '?'}{urlencode(query)}"
         self.requests += 1
         try:
-            async with self._session.get(url, headers=headers, allow_redirects=True) as resp:
+            async with self._session.get(
+                url, headers=headers, allow_redirects=True, timeout=SMALL_TIMEOUT
+            ) as resp:
                 if resp.status != 200:
                     raise UpstreamError(f"{self.name}: token endpoint answered {resp.status}", 401)
                 body = await resp.json(content_type=None)
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-            raise UpstreamError(f"{self.name}: token request failed: {exc!r}") from None
+            raise UpstreamError(f"token request failed: {_describe(exc)}") from None
         value = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
         if not isinstance(value, str) or not value:
             raise UpstreamError(f"{self.name}: token endpoint returned no token", 401)
@@ -155,8 +159,12 @@ class Upstream:
         scope: str,
         headers: dict[str, str] | None = None,
         params: dict[str, str] | None = None,
+        small: bool = True,
     ) -> aiohttp.ClientResponse:
         """Send a request, answering one auth challenge and following redirects.
+
+        `small` requests (manifests, tags, HEADs) must complete within
+        `SMALL_TIMEOUT`; blob bodies may stream for as long as data keeps coming.
 
         The caller must release the response. Raises `UpstreamError` on transport
         errors; HTTP error statuses are returned for the caller to judge.
@@ -167,7 +175,7 @@ class Upstream:
             hdrs = dict(headers or {})
             if sent:
                 hdrs["Authorization"] = sent
-            resp = await self._send(method, url, hdrs, params)
+            resp = await self._send(method, url, hdrs, params, small)
             if resp.status != 401 or attempt == 1:
                 return resp
             challenge = resp.headers.get("WWW-Authenticate", "")
@@ -177,16 +185,26 @@ class Upstream:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _send(
-        self, method: str, url: str, headers: dict[str, str], params: dict[str, str] | None
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        params: dict[str, str] | None,
+        small: bool,
     ) -> aiohttp.ClientResponse:
         for _ in range(MAX_REDIRECTS + 1):
             self.requests += 1
             try:
                 resp = await self._session.request(
-                    method, url, headers=headers, params=params, allow_redirects=False
+                    method,
+                    url,
+                    headers=headers,
+                    params=params,
+                    allow_redirects=False,
+                    timeout=SMALL_TIMEOUT if small else aiohttp.helpers.sentinel,
                 )
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                raise UpstreamError(f"{self.name}: {method} {url}: {exc!r}") from None
+                raise UpstreamError(f"{method} {urlsplit(url).path}: {_describe(exc)}") from None
             if resp.status not in (301, 302, 303, 307, 308) or "Location" not in resp.headers:
                 return resp
             target = urljoin(url, resp.headers["Location"])
@@ -213,7 +231,9 @@ class Upstream:
         )
 
     async def blob(self, remote: str, digest: str) -> aiohttp.ClientResponse:
-        return await self.request("GET", f"/v2/{remote}/blobs/{digest}", self.scope(remote))
+        return await self.request(
+            "GET", f"/v2/{remote}/blobs/{digest}", self.scope(remote), small=False
+        )
 
     async def get_json(
         self, path: str, remote: str, params: dict[str, str] | None = None
@@ -222,13 +242,22 @@ class Upstream:
         resp = await self.request("GET", path, self.scope(remote), params=params)
         try:
             if resp.status != 200:
-                raise UpstreamError(f"{self.name}: GET {path} answered {resp.status}", resp.status)
+                raise UpstreamError(f"GET {path} answered {resp.status}", resp.status)
             try:
                 return await resp.json(content_type=None), dict(resp.headers)
             except (aiohttp.ClientError, ValueError, asyncio.TimeoutError) as exc:
-                raise UpstreamError(f"{self.name}: bad JSON from {path}: {exc!r}") from None
+                raise UpstreamError(f"bad JSON from {path}: {_describe(exc)}") from None
         finally:
             resp.release()
+
+
+def _describe(exc: BaseException) -> str:
+    """A short reason for logs and error messages (aiohttp reprs are long)."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot connect: {exc.os_error.strerror or exc.os_error}"
+    return str(exc) or type(exc).__name__
 
 
 def client_timeout() -> aiohttp.ClientTimeout:

@@ -17,7 +17,7 @@ from regproxy.server.keys import CONFIG, OFFLOAD, PROXY, PROXY_STORE, REGISTRY, 
 from regproxy.server.middleware import add_api_version, errors_middleware
 from regproxy.storage import gc
 from regproxy.storage.aio import Offload
-from regproxy.storage.fs import remove_tree
+from regproxy.storage.fs import remove_older_than
 from regproxy.storage.store import Store
 from regproxy.storage.uploads import Uploads
 
@@ -25,6 +25,7 @@ log = logging.getLogger("regproxy.server")
 
 NAME = "{name:[^{}]+}"
 EVICTION_INTERVAL = 10.0
+STALE_TEMP_AGE = 3600.0
 
 
 def _routes(app: web.Application) -> None:
@@ -93,9 +94,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[PROXY_STORE] = await offload.run(Store, config.proxy_storage)
     app[UPLOADS] = await offload.run(Uploads, config.temporary_registry_storage)
     for store in (app[REGISTRY], app[PROXY_STORE]):
-        # leftovers of commits that a crash interrupted; never visible, safe to drop
-        await offload.run(remove_tree, store.layout.tmp)
-        await offload.run(store.layout.tmp.mkdir, exist_ok=True)
+        # leftovers of writes a crash interrupted: never visible; young ones may belong to
+        # an offline command (prefetch) writing right now
+        await offload.run(remove_older_than, store.layout.tmp, STALE_TEMP_AGE)
     session = ProxyCache.new_session()
     app[PROXY] = ProxyCache(config, app[PROXY_STORE], offload, session)
     tasks = [asyncio.create_task(_purge_uploads_forever(app))]

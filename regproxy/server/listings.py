@@ -24,9 +24,10 @@ def paginate(
     if raw_n is None or raw_n == "":
         page_size = default_page
     else:
-        if not raw_n.isdigit():
+        # isascii: "²".isdigit() is true but int("²") raises; long: int() caps at 4300 digits
+        if not (raw_n.isascii() and raw_n.isdigit()):
             raise PaginationInvalid(f"n must be a non-negative integer, got {raw_n[:50]!r}")
-        page_size = min(int(raw_n), MAX_PAGE)
+        page_size = MAX_PAGE if len(raw_n) > 9 else min(int(raw_n), MAX_PAGE)
     last = request.query.get("last")
     start = bisect.bisect_right(items, last) if last else 0
     end = len(items) if page_size is None else start + page_size

@@ -36,7 +36,8 @@ def read_target(request: web.Request) -> str | ProxyName:
     if is_proxy_name(request, name):
         validate_name(name)
         target = split_proxy_name(name, proxy.prefix, upstreams)
-        assert target is not None
+        if target is None:  # the bare prefix (`/v2/p/...`) names no upstream image
+            raise NameUnknown(f"{name!r} names no image under an upstream", detail={"name": name})
         return target
     validate_name(name)
     ns = request.query.get("ns")

@@ -44,7 +44,8 @@ async def get_blob(request: web.Request, target: ProxyName, digest: Digest) -> w
             }
         )
         if size is not None:
-            response.content_length = size
+            # aiohttp's content_length setter raises on web.Response: set the header itself
+            response.headers["Content-Length"] = str(size)
         return response
     cached = await cache.blob(target, digest)
     flight = cached.flight

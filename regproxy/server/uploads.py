@@ -90,8 +90,11 @@ async def _receive_chunk(request: web.Request, session: UploadSession) -> None:
         expected = end - start + 1
         if request.content_length is not None and request.content_length != expected:
             raise SizeInvalid("Content-Length does not match Content-Range")
+    start_offset = session.offset
     received = await _receive(request, session)
     if expected is not None and received != expected:
+        # the chunk is rejected whole: the session goes back to where it was
+        await request.app[OFFLOAD].run(request.app[UPLOADS].rewind, session, start_offset)
         raise SizeInvalid(f"received {received} bytes, Content-Range announced {expected}")
 
 
@@ -110,6 +113,8 @@ async def start_upload(request: web.Request) -> web.Response:
         if source and await offload.run(store.mount_blob, name, digest, source):
             return _created(name, digest)
         # not mountable (or no access): fall back to a normal upload, as the spec says
+    if "digest" in request.query:
+        _digest_param(request)  # a malformed digest must not leave a session behind
     session = await offload.run(request.app[UPLOADS].create, name)
     if "digest" in request.query:
         return await _finish(request, session, monolithic=True)
@@ -121,6 +126,8 @@ async def _finish(request: web.Request, session: UploadSession, monolithic: bool
     uploads = request.app[UPLOADS]
     offload = request.app[OFFLOAD]
     async with _session_lock(request, session.id):
+        # a request that waited for the lock may find the session finished or cancelled
+        session = uploads.get(session.name, session.id)
         try:
             await _receive_chunk(request, session)
         except BaseException:

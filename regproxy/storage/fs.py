@@ -7,6 +7,7 @@ import errno
 import fcntl
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,8 +26,32 @@ def temp_name(folder: Path) -> Path:
     return folder / f".tmp-{uuid.uuid4().hex}"
 
 
+def makedirs_durable(folder: Path) -> None:
+    """Create `folder` and missing parents, fsyncing each parent so the new entry survives
+    a power loss (a renamed-in file is only as durable as the folders above it)."""
+    missing: list[Path] = []
+    current = Path(folder)
+    while not current.is_dir():
+        missing.append(current)
+        current = current.parent
+    for path in reversed(missing):
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            continue
+        fsync_dir(path.parent)
+
+
 class FsBackend:
-    """Implements `Backend` over a local filesystem."""
+    """Implements `Backend` over a local filesystem.
+
+    Temp files of atomic writes go to `tmp_dir` (the store's own `tmp/`, on the
+    same filesystem), so a crash can leave leftovers only there, where start-up
+    and gc clean them, never next to blobs or tags.
+    """
+
+    def __init__(self, tmp_dir: Path | None = None) -> None:
+        self.tmp_dir = tmp_dir
 
     def read(self, path: Path) -> bytes | None:
         try:
@@ -37,9 +62,13 @@ class FsBackend:
 
     def write_atomic(self, path: Path, data: bytes) -> None:
         folder = path.parent
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = temp_name(folder)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        makedirs_durable(folder)
+        staging = self.tmp_dir or folder
+        try:
+            fd = os.open(tmp := temp_name(staging), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileNotFoundError:  # the tmp folder was removed under us: recreate it
+            makedirs_durable(staging)
+            fd = os.open(tmp := temp_name(staging), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             view = memoryview(data)
             while view:
@@ -58,7 +87,7 @@ class FsBackend:
     def ensure(self, path: Path) -> None:
         if os.path.exists(path):
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
+        makedirs_durable(path.parent)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
         os.close(fd)
         fsync_dir(path.parent)
@@ -92,7 +121,7 @@ class FsBackend:
             return []
 
     def move_into(self, src: Path, dst: Path, tmp_dir: Path) -> None:
-        dst.parent.mkdir(parents=True, exist_ok=True)
+        makedirs_durable(dst.parent)
         try:
             os.replace(src, dst)
         except OSError as exc:
@@ -137,6 +166,28 @@ class FsBackend:
         for dirpath, _dirs, files in os.walk(folder):
             for name in files:
                 yield Path(dirpath, name)
+
+
+def remove_older_than(folder: Path, age: float) -> int:
+    """Delete entries of `folder` not modified for `age` seconds; return how many."""
+    cutoff = time.time() - age
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
+        try:
+            if entry.stat(follow_symlinks=False).st_mtime >= cutoff:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)
+            removed += 1
+        except OSError:
+            continue
+    return removed
 
 
 def remove_tree(path: Path) -> None:

@@ -11,6 +11,7 @@ existing layer touches it), are never swept.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from regproxy.storage.layout import LAYERS
 from regproxy.storage.store import Store
 
 MAX_LISTED = 1000
+#: seconds: how far a file's mtime may lag time.time() (coarse kernel timestamps), with margin
+CLOCK_SLACK = 1.0
 
 
 @dataclass
@@ -77,8 +80,15 @@ class _Marker:
             # artifacts that refer to a kept manifest are kept with it
             stack.extend(self.store.referrer_digests(name, current))
 
-    def mark_repository(self, name: str, keep_untagged: bool, since: float | None = None) -> None:
-        """Mark from the tags (and untagged revisions when kept); `since` limits to changes."""
+    def mark_repository(
+        self, name: str, keep_untagged: bool, since: float | None = None, young: float = math.inf
+    ) -> None:
+        """Mark from the tags (and untagged revisions when kept); `since` limits to changes.
+
+        Revisions pushed or re-pushed at or after `young` are roots even when untagged:
+        the grace period covers manifests too (an index's children arrive untagged,
+        before the index that keeps them).
+        """
         tags_dir = self.store.layout.tags_dir(name)
         for tag in self.store.backend.names(tags_dir):
             if since is not None:
@@ -89,11 +99,12 @@ class _Marker:
             if digest is not None:
                 self.mark(name, digest)
         for digest, mtime in self.store.revisions(name):
-            if keep_untagged or (since is not None and mtime >= since):
+            if keep_untagged or mtime >= young or (since is not None and mtime >= since):
                 self.mark(name, digest)
 
 
 def _drop_untagged(store: Store, marker: _Marker, name: str, report: GcReport) -> None:
+    """Runs under the exclusive lock, so `delete_manifest` must not take it again."""
     for digest, _mtime in store.revisions(name):
         if (name, str(digest)) in marker.revisions:
             continue
@@ -101,7 +112,7 @@ def _drop_untagged(store: Store, marker: _Marker, name: str, report: GcReport) -
         report.note(f"{name}@{digest}")
         if not report.dry_run:
             with contextlib.suppress(RegistryError):
-                store.delete_manifest(name, digest)
+                store.delete_manifest(name, digest, lock=False)
 
 
 def _unlink_swept_layers(store: Store, name: str, swept: set[str]) -> None:
@@ -143,19 +154,27 @@ def collect(
     """
     started = time.time()
     report = GcReport(label, dry_run)
-    cutoff = min(started, started - grace)
+    # File times come from the kernel's coarse clock and can lag time.time() by a tick:
+    # anything stamped within CLOCK_SLACK of the start counts as changed during the run.
+    fresh = started - CLOCK_SLACK
+    cutoff = min(fresh, started - grace)
     repositories = store.repositories()
 
+    expired: set[str] = set()
     if expire_repositories_older_than is not None:
         limit = started - expire_repositories_older_than
         for name in repositories:
             pulled = store.backend.mtime(store.layout.pulled(name))
             if pulled is None or pulled < limit:
+                expired.add(name)
                 _expire_repository(store, name, report)
+    # a dry run left their tags in place: do not let them keep what a real run would sweep
+    skip = expired if dry_run else set()
 
     marker = _Marker(store)
     for name in repositories:
-        marker.mark_repository(name, keep_untagged=not delete_untagged)
+        if name not in skip:
+            marker.mark_repository(name, keep_untagged=not delete_untagged, young=cutoff)
     candidates = [
         (digest, size)
         for digest, size, mtime in store.iter_blobs()
@@ -166,7 +185,10 @@ def collect(
     with lock:
         # whatever was pushed or re-tagged while we marked is live too
         for name in store.repositories():
-            marker.mark_repository(name, keep_untagged=not delete_untagged, since=started - 1)
+            if name not in skip:
+                marker.mark_repository(
+                    name, keep_untagged=not delete_untagged, since=fresh, young=cutoff
+                )
         if delete_untagged:
             for name in repositories:
                 _drop_untagged(store, marker, name, report)

@@ -8,6 +8,7 @@ cached manifest) inline.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -73,7 +74,7 @@ class Store:
 
     def __init__(self, root: Path, backend: Backend | None = None) -> None:
         self.layout = Layout(root)
-        self.backend: Backend = backend or FsBackend()
+        self.backend: Backend = backend or FsBackend(self.layout.tmp)
         self.manifests = ManifestCache()
         for folder in (self.layout.blobs, self.layout.repositories, self.layout.tmp):
             folder.mkdir(parents=True, exist_ok=True)
@@ -124,6 +125,9 @@ class Store:
                 self.backend.touch(target)
             else:
                 self.backend.move_into(src, target, self.layout.tmp)
+                # a rename keeps the upload's mtime (its last PATCH): restart the gc grace
+                # period at the commit, as for a re-push of an existing blob
+                self.backend.touch(target)
             self.backend.ensure(self.layout.layer(name, digest))
 
     def write_blob(self, name: str | None, data: bytes, digest: Digest) -> None:
@@ -199,6 +203,10 @@ class Store:
             revision = self.layout.revision(name, digest)
             if self.backend.read(revision) != manifest.media_type.encode():
                 self.backend.write_atomic(revision, manifest.media_type.encode())
+            else:
+                # a re-push restarts the revision's gc clock (untagged children of an
+                # index being pushed again must survive `gc --delete-untagged`)
+                self.backend.touch(revision)
             if manifest.subject is not None:
                 self.backend.ensure(self.layout.referrer(name, manifest.subject.digest, digest))
             if tag is not None:
@@ -266,13 +274,18 @@ class Store:
         if not self.backend.remove(self.layout.tag(name, tag)):
             raise ManifestUnknown(detail={"tag": tag})
 
-    def delete_manifest(self, name: str, digest: Digest) -> None:
-        """Remove a revision, every tag pointing at it and its referrer entry."""
+    def delete_manifest(self, name: str, digest: Digest, lock: bool = True) -> None:
+        """Remove a revision, every tag pointing at it and its referrer entry.
+
+        `lock=False` is for gc, which already holds the store lock exclusively: flock
+        treats each open of the lock file separately, so taking it shared again from
+        the same process would wait for ourselves forever.
+        """
         revision = self.layout.revision(name, digest)
         if not self.backend.exists(revision):
             raise ManifestUnknown(detail={"digest": str(digest)})
         data = self.manifests.get(digest) or self.backend.read(self.layout.blob(digest))
-        with self.shared_lock():
+        with self.shared_lock() if lock else contextlib.nullcontext():
             for tag in self.tags(name, missing_ok=True):
                 if self.tag_digest(name, tag) == digest:
                     self.backend.remove(self.layout.tag(name, tag))

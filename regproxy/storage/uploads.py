@@ -147,9 +147,17 @@ class Uploads:
         return size
 
     def cancel(self, session: UploadSession) -> None:
+        # the folder goes first, so a concurrent `get` cannot reload a half-deleted session
+        remove_tree(session.folder)
         with self._lock:
             self._live.pop(session.id, None)
-        remove_tree(session.folder)
+
+    def rewind(self, session: UploadSession, offset: int) -> None:
+        """Drop bytes after `offset` (a rejected chunk); the hash is recomputed at finish."""
+        with open(session.data_path, "rb+") as f:
+            f.truncate(offset)
+        session.offset = offset
+        session.hasher = None
 
     def purge(self, max_age: float, now: float | None = None) -> int:
         """Remove sessions idle for longer than `max_age` seconds; return how many."""
