@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from regproxy.errors import ConfigError
+from regproxy.reference import UPSTREAM_NAME_RE
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -94,6 +95,15 @@ class ServerConfig:
     upload_max_age: Duration = Duration(86400)
     #: how long in-flight requests may run on in a graceful stop
     shutdown_timeout: Duration = Duration(30)
+    #: serve HTTPS directly (PEM files); SIGHUP reloads them
+    tls_certificate: Path | None = None
+    tls_key: Path | None = None
+    #: behind a reverse proxy: build absolute URLs from X-Forwarded-Proto/Host
+    trust_forwarded_headers: bool = False
+    #: upload sessions one client (user, or address when anonymous) may hold open at once
+    max_uploads_per_client: int = 100
+    #: a request body that sends nothing for this long is cut off (slow clients)
+    body_timeout: Duration = Duration(60)
 
     @property
     def host(self) -> str:
@@ -143,6 +153,83 @@ class ProxyConfig:
 
 
 @dataclass(frozen=True)
+class AccessRule:
+    """Who may pull, push and delete in repositories matching `repository` (a glob)."""
+
+    repository: str
+    pull: list[str] = field(default_factory=list)
+    push: list[str] = field(default_factory=list)
+    delete: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    #: htpasswd file with bcrypt entries; setting it enables authentication
+    htpasswd: Path | None = None
+    #: "token" (Docker token flow with a built-in token endpoint) or "basic"
+    mode: str = "token"
+    service: str = "regproxy"
+    token_ttl: Duration = Duration(300)
+    #: HMAC key for tokens; without one a random key is made at start (tokens die on restart)
+    signing_key_file: Path | None = None
+    signing_key_env: str | None = None
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    #: first match wins; a repository no rule matches: authenticated users only
+    rules: list[AccessRule] = field(default_factory=list)
+    #: who may pull through the cache (`p/<upstream>/…`, `?ns=`)
+    proxy_pull: list[str] = field(default_factory=lambda: ["@authenticated"])
+
+    @property
+    def enabled(self) -> bool:
+        return self.htpasswd is not None
+
+    def signing_key(self) -> bytes | None:
+        if self.signing_key_env:
+            value = os.environ.get(self.signing_key_env)
+            if not value:
+                raise ConfigError(
+                    f"auth.signing_key_env: environment variable {self.signing_key_env} is not set"
+                )
+            return value.encode()
+        if self.signing_key_file:
+            try:
+                return self.signing_key_file.read_bytes().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"auth.signing_key_file: cannot read {self.signing_key_file}: {exc.strerror}"
+                ) from None
+        return None
+
+
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    #: "text" (one line per record) or "json" (one JSON object per line)
+    format: str = "text"
+    #: debug, info, warning or error; `serve --log-level` overrides it
+    level: str = "info"
+    #: one access line per request (logger `regproxy.access`, at info)
+    access: bool = True
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    #: serve /metrics (and the health endpoints) on this HOST:PORT instead of the main listener
+    listen: str | None = None
+    #: how old the stored bytes/objects figures may get before a scrape starts a new walk
+    store_scan_interval: Duration = Duration(300)
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    #: /readyz fails when a storage folder's filesystem has less free space than this
+    min_free_space: ByteSize = ByteSize(256 * 1024 * 1024)
+
+
+@dataclass(frozen=True)
 class Config:
     registry_storage: Path
     temporary_registry_storage: Path
@@ -150,6 +237,10 @@ class Config:
     proxy_max_size: ByteSize | None = None
     server: ServerConfig = field(default_factory=ServerConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     source: Path | None = None  # the file this was read from (not a config key)
 
     def storage_dirs(self) -> tuple[Path, Path, Path]:
@@ -187,6 +278,11 @@ def _convert(value: Any, tp: Any, key: str, base: Path) -> Any:
     if isinstance(value, _EnvText):
         # an environment value is text for string keys (a numeric password stays a string)
         value = str(value) if tp in (str, Secret, Path) else value.parsed
+    if origin is list:
+        (item_type,) = get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list")
+        return [_convert(v, item_type, f"{key}[{i}]", base) for i, v in enumerate(value)]
     if origin is dict:
         _, value_type = get_args(tp)
         if not isinstance(value, Mapping):
@@ -315,8 +411,21 @@ def from_mapping(
     for name, upstream in config.proxy.upstreams.items():
         if not re.fullmatch(r"https?://[^/\s]+(/.*)?", upstream.url):
             raise ConfigError(f"proxy.upstreams.{name}.url: expected an http(s) URL")
-        if "/" in name or not name:
-            raise ConfigError(f"proxy.upstreams.{name}: an upstream name cannot contain '/'")
+        if not UPSTREAM_NAME_RE.fullmatch(name):
+            raise ConfigError(
+                f"proxy.upstreams.{name}: an upstream is named like a registry host "
+                '(lower case, optionally with :port), e.g. "docker.io" or "10.0.0.5:5000"'
+            )
+    if config.auth.mode not in ("token", "basic"):
+        raise ConfigError(f'auth.mode: expected "token" or "basic", got {config.auth.mode!r}')
+    if (config.server.tls_certificate is None) != (config.server.tls_key is None):
+        raise ConfigError("server.tls_certificate and server.tls_key go together")
+    for i, rule in enumerate(config.auth.rules):
+        for action in ("pull", "push", "delete"):
+            for who in getattr(rule, action):
+                group = who[1:] if who.startswith("@") else None
+                if group and group != "authenticated" and group not in config.auth.groups:
+                    raise ConfigError(f"auth.rules[{i}].{action}: unknown group {who!r}")
     mirror = config.proxy.mirror_upstream
     if mirror is not None and mirror not in config.proxy.upstreams:
         raise ConfigError(f"proxy.mirror_upstream: {mirror!r} is not a configured upstream")

@@ -65,5 +65,15 @@ def split_proxy_name(
     if not sep or not remote:
         raise NameUnknown(f"{name!r} names no image under an upstream", detail={"name": name})
     if upstream not in upstreams:
-        raise NameUnknown(f"upstream {upstream!r} is not configured", detail={"name": name})
-    return ProxyName(upstream, remote_name(upstream, remote), name)
+        raise NameUnknown(f"upstream {upstream[:100]!r} is not configured", detail={"name": name})
+    return ProxyName(upstream, remote_name(upstream, validate_name(remote)), name)
+
+
+#: What an upstream may be called: a registry host, optionally with a port (as containerd's
+#: `?ns=` names it), in lower case.
+UPSTREAM_NAME_RE = re.compile(r"[a-z0-9]+(?:[.-][a-z0-9]+)*(?::[0-9]{1,5})?")
+
+
+def upstream_storage_key(upstream: str) -> str:
+    """The upstream as a valid repository-name component (`host:port` → `host__port`)."""
+    return upstream.replace(":", "__")

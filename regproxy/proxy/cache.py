@@ -31,7 +31,7 @@ from regproxy.errors import (
 )
 from regproxy.proxy.flights import BlobFlight, FlightFailed, SingleFlight
 from regproxy.proxy.upstream import Upstream, UpstreamError, client_timeout
-from regproxy.reference import ProxyName
+from regproxy.reference import ProxyName, upstream_storage_key
 from regproxy.storage.aio import Offload
 from regproxy.storage.store import Store, StoredManifest
 
@@ -82,7 +82,7 @@ class CachedBlob:
 
 def cache_name(target: ProxyName) -> str:
     """The repository name inside `proxy_storage`: `<upstream>/<remote name>`."""
-    return f"{target.upstream}/{target.remote}"
+    return f"{upstream_storage_key(target.upstream)}/{target.remote}"
 
 
 def accepts(accept: list[str], media_type: str) -> bool:

@@ -34,7 +34,6 @@ def read_target(request: web.Request) -> str | ProxyName:
     name = request.match_info["name"]
     upstreams = proxy.upstreams.keys()
     if is_proxy_name(request, name):
-        validate_name(name)
         target = split_proxy_name(name, proxy.prefix, upstreams)
         if target is None:  # the bare prefix (`/v2/p/...`) names no upstream image
             raise NameUnknown(f"{name!r} names no image under an upstream", detail={"name": name})
@@ -46,6 +45,7 @@ def read_target(request: web.Request) -> str | ProxyName:
             raise NameUnknown(f"registry {ns[:100]!r} is not a configured upstream")
         return ProxyName(ns, remote_name(ns, name), name)
     mirror = proxy.mirror_upstream
-    if mirror and not request.app[REGISTRY].repository_exists(name):
+    # only GETs: a push checks for existing blobs with HEAD, and must see local content only
+    if mirror and request.method == "GET" and not request.app[REGISTRY].repository_exists(name):
         return ProxyName(mirror, remote_name(mirror, name), name)
     return name

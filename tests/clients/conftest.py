@@ -14,6 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.clients.proxy_fixtures import (  # noqa: F401 (fixtures of the test_proxy_* modules)
+    proxy_mirror_upstream,
+    pull_through,
+    refused_url,
+    upstream_kind,
+)
 from tests.support.dockerd import DockerDaemon
 from tests.support.podman import Podman
 from tests.support.processes import (
@@ -97,7 +103,7 @@ def pytest_runtest_makereport(
     report: pytest.TestReport = yield
     if report.failed:
         funcargs = getattr(item, "funcargs", {})
-        for name in ("registry", "dockerd"):
+        for name in ("registry", "dockerd", "pull_through"):
             server = funcargs.get(name)
             if server is not None and hasattr(server, "log_tail"):
                 report.sections.append((f"{name} log (last lines)", server.log_tail()))

@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from .processes import ManagedProcess
@@ -55,7 +56,15 @@ def _ping(sock_path: Path, timeout: float = 1.0) -> bool:
 class DockerDaemon:
     """Start/stop a private dockerd; run ``docker`` and ``ctr`` against it."""
 
-    def __init__(self, basedir: Path | None = None) -> None:
+    def __init__(
+        self,
+        basedir: Path | None = None,
+        *,
+        config: Mapping[str, object] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        """``config`` entries override :data:`DAEMON_CONFIG` (e.g. ``registry-mirrors``);
+        ``env`` is added to dockerd's environment (e.g. ``HTTPS_PROXY``)."""
         require_root()
         self.dockerd = require_tool("dockerd")
         self.docker_client = require_tool(DOCKER_CLIENT)
@@ -70,6 +79,8 @@ class DockerDaemon:
         self.client_config = self.base / "client"
         self.process: ManagedProcess | None = None
         self._containerd_pid: int | None = None
+        self.daemon_config: dict[str, object] = {**DAEMON_CONFIG, **(config or {})}
+        self.extra_env = dict(env or {})
 
     @property
     def containerd_socket(self) -> Path:
@@ -84,12 +95,13 @@ class DockerDaemon:
         """Start dockerd and wait until both its API and its containerd answer."""
         for d in (self.data_root, self.exec_root, self.client_config, self.base / "tmp"):
             d.mkdir(parents=True, exist_ok=True)
-        self.config_file.write_text(json.dumps(DAEMON_CONFIG))
+        self.config_file.write_text(json.dumps(self.daemon_config))
         (self.client_config / "config.json").write_text("{}")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DOCKER_", "CONTAINERD_"))}
         # Temporary files, and the goroutine dumps containerd writes when dockerd restarts
         # it, stay in our directory instead of littering /tmp.
         env["TMPDIR"] = str(self.base / "tmp")
+        env.update(self.extra_env)
         self.process = ManagedProcess(
             [
                 self.dockerd,
