@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import signal
+import ssl
 from pathlib import Path
 
 import click
@@ -13,6 +13,7 @@ import click
 from regproxy import __version__
 from regproxy import config as config_mod
 from regproxy.cli import EXIT_USAGE, config_option, create_dirs, fail, load_config
+from regproxy.errors import ConfigError
 
 
 @click.command()
@@ -42,6 +43,10 @@ def serve(config_path: Path | None, listen: str | None, log_level: str) -> None:
     )
     try:
         asyncio.run(_serve(config))
+    except ConfigError as exc:
+        fail(f"configuration error: {exc}")
+    except ssl.SSLError as exc:
+        fail(f"cannot load the TLS certificate: {exc.reason or exc}")
     except OSError as exc:
         fail(f"cannot listen on {config.server.listen}: {exc.strerror}", EXIT_USAGE)
     except KeyboardInterrupt:
@@ -49,32 +54,6 @@ def serve(config_path: Path | None, listen: str | None, log_level: str) -> None:
 
 
 async def _serve(config: config_mod.Config) -> None:
-    from aiohttp import web
+    from regproxy.server.runner import serve as run_server
 
-    from regproxy.server.app import create_app
-
-    log = logging.getLogger("regproxy")
-    app = create_app(config)
-    runner = web.AppRunner(
-        app,
-        handle_signals=False,
-        shutdown_timeout=config.server.shutdown_timeout,
-        access_log=logging.getLogger("regproxy.access"),
-    )
-    await runner.setup()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        site = web.TCPSite(runner, config.server.host, config.server.port)
-        await site.start()
-        for address in runner.addresses:
-            host, port = address[0], address[1]
-            shown = f"[{host}]" if ":" in host else host
-            log.info("regproxy %s listening on http://%s:%d", __version__, shown, port)
-        await stop.wait()
-        log.info("shutting down: finishing in-flight requests")
-    finally:
-        await runner.cleanup()
-    log.info("stopped")
+    await run_server(config, __version__)

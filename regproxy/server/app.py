@@ -12,7 +12,7 @@ from aiohttp import web
 
 from regproxy.config import Config
 from regproxy.proxy.cache import ProxyCache
-from regproxy.server import base, blobs, listings, manifests, referrers, uploads
+from regproxy.server import auth, base, blobs, listings, manifests, referrers, uploads
 from regproxy.server.keys import CONFIG, OFFLOAD, PROXY, PROXY_STORE, REGISTRY, UPLOADS
 from regproxy.server.middleware import add_api_version, errors_middleware
 from regproxy.storage import gc
@@ -28,27 +28,45 @@ EVICTION_INTERVAL = 10.0
 STALE_TEMP_AGE = 3600.0
 
 
-def _routes(app: web.Application) -> None:
-    r = app.router
-    r.add_get("/v2/", base.version_check)
-    r.add_get("/v2", base.version_check)
-    r.add_get("/v2/_catalog", listings.catalog)
-    r.add_get(f"/v2/{NAME}/tags/list", listings.list_tags)
-    r.add_get(f"/v2/{NAME}/referrers/{{digest}}", referrers.list_referrers)
-    r.add_post(f"/v2/{NAME}/blobs/uploads/", uploads.start_upload)
-    r.add_post(f"/v2/{NAME}/blobs/uploads", uploads.start_upload)
+def _route_table() -> list[tuple[str, str, auth.Handler, str]]:
+    """(method, path, handler, what it needs): `pull`/`push`/`delete` on the repository,
+    `base` (any valid credentials), `catalog`, or `public`."""
     upload = f"/v2/{NAME}/blobs/uploads/{{upload_id}}"
-    r.add_get(upload, uploads.upload_status, allow_head=False)
-    r.add_patch(upload, uploads.patch_upload)
-    r.add_put(upload, uploads.put_upload)
-    r.add_delete(upload, uploads.cancel_upload)
     blob = f"/v2/{NAME}/blobs/{{digest}}"
-    r.add_get(blob, blobs.get_blob)
-    r.add_delete(blob, blobs.delete_blob)
     manifest = f"/v2/{NAME}/manifests/{{reference}}"
-    r.add_get(manifest, manifests.get_manifest)
-    r.add_put(manifest, manifests.put_manifest)
-    r.add_delete(manifest, manifests.delete_manifest)
+    return [
+        ("GET", "/v2/", base.version_check, "base"),
+        ("GET", "/v2", base.version_check, "base"),
+        ("GET", "/v2/_catalog", listings.catalog, "catalog"),
+        ("GET", f"/v2/{NAME}/tags/list", listings.list_tags, "pull"),
+        ("GET", f"/v2/{NAME}/referrers/{{digest}}", referrers.list_referrers, "pull"),
+        ("POST", f"/v2/{NAME}/blobs/uploads/", uploads.start_upload, "push"),
+        ("POST", f"/v2/{NAME}/blobs/uploads", uploads.start_upload, "push"),
+        ("GET", upload, uploads.upload_status, "push"),
+        ("PATCH", upload, uploads.patch_upload, "push"),
+        ("PUT", upload, uploads.put_upload, "push"),
+        ("DELETE", upload, uploads.cancel_upload, "push"),
+        ("GET", blob, blobs.get_blob, "pull"),
+        ("DELETE", blob, blobs.delete_blob, "delete"),
+        ("GET", manifest, manifests.get_manifest, "pull"),
+        ("PUT", manifest, manifests.put_manifest, "push"),
+        ("DELETE", manifest, manifests.delete_manifest, "delete"),
+        ("GET", auth.TOKEN_PATH, auth.token_endpoint, "public"),
+        ("POST", auth.TOKEN_PATH, auth.token_endpoint, "public"),
+    ]
+
+
+def _routes(app: web.Application, authenticator: auth.Authenticator | None) -> None:
+    for method, path, handler, kind in _route_table():
+        if handler is auth.token_endpoint and authenticator is None:
+            continue
+        if method == "GET":
+            # upload status has no HEAD form; everything else readable answers HEAD too
+            app.router.add_get(path, handler, allow_head=handler is not uploads.upload_status)
+        else:
+            app.router.add_route(method, path, handler)
+        if authenticator is not None and kind != "public":
+            authenticator.requires(handler, method, kind)
 
 
 async def _purge_uploads_forever(app: web.Application) -> None:
@@ -112,10 +130,16 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(config: Config) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware], handler_args={"max_field_size": 16384})
+    authenticator = auth.Authenticator(config) if config.auth.enabled else None
+    app = web.Application(
+        middlewares=[errors_middleware, auth.auth_middleware],
+        handler_args={"max_field_size": 16384},
+    )
+    if authenticator is not None:
+        app[auth.AUTH] = authenticator
     app[CONFIG] = config
     app[uploads.SESSION_LOCKS] = weakref.WeakValueDictionary()
     app.cleanup_ctx.append(_resources)
     app.on_response_prepare.append(add_api_version)
-    _routes(app)
+    _routes(app, authenticator)
     return app

@@ -2,16 +2,35 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from regproxy.errors import ManifestTooLarge, RangeNotSatisfiable
+from regproxy.errors import BlobUploadInvalid, ManifestTooLarge, RangeNotSatisfiable
+from regproxy.server.keys import CONFIG
 
 #: Bytes gathered before one write+hash thread hop.
 CHUNK_BYTES = 1024 * 1024
 _CONTENT_RANGE = re.compile(r"(?:bytes[ =])?(\d{1,18})-(\d{1,18})(?:/(?:\d{1,18}|\*))?")
+
+
+async def pieces(request: web.Request) -> AsyncIterator[bytes]:
+    """The body as it arrives; a client that sends nothing for `body_timeout` is cut off."""
+    timeout = request.app[CONFIG].server.body_timeout
+    content = request.content
+    while True:
+        try:
+            async with asyncio.timeout(timeout):
+                data = await content.readany()
+        except TimeoutError:
+            if request.transport is not None:
+                request.transport.close()
+            raise BlobUploadInvalid(f"no body data for {timeout:g} s") from None
+        if not data:
+            return
+        yield data
 
 
 async def read_capped(request: web.Request, limit: int) -> bytes:
@@ -20,7 +39,7 @@ async def read_capped(request: web.Request, limit: int) -> bytes:
         raise ManifestTooLarge(f"body of {request.content_length} bytes exceeds {limit}")
     parts: list[bytes] = []
     total = 0
-    async for data in request.content.iter_any():
+    async for data in pieces(request):
         total += len(data)
         if total > limit:
             raise ManifestTooLarge(f"body exceeds {limit} bytes")
@@ -30,16 +49,16 @@ async def read_capped(request: web.Request, limit: int) -> bytes:
 
 async def chunks(request: web.Request) -> AsyncIterator[list[bytes]]:
     """The body as lists of pieces of about `CHUNK_BYTES`, without copying them."""
-    pieces: list[bytes] = []
+    gathered: list[bytes] = []
     size = 0
-    async for data in request.content.iter_any():
-        pieces.append(data)
+    async for data in pieces(request):
+        gathered.append(data)
         size += len(data)
         if size >= CHUNK_BYTES:
-            yield pieces
-            pieces, size = [], 0
-    if pieces:
-        yield pieces
+            yield gathered
+            gathered, size = [], 0
+    if gathered:
+        yield gathered
 
 
 def parse_content_range(header: str, offset: int) -> tuple[int, int]:

@@ -61,5 +61,8 @@ async def list_tags(request: web.Request) -> web.Response:
 async def catalog(request: web.Request) -> web.Response:
     store = request.app[REGISTRY]
     names = await request.app[OFFLOAD].run(store.repositories)
+    may = request.get("may")
+    if may is not None:  # with auth: only what the caller may pull
+        names = [name for name in names if may("pull", name)]
     page, link = paginate(request, names, DEFAULT_CATALOG_PAGE)
     return _json({"repositories": page}, link)

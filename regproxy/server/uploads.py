@@ -14,10 +14,11 @@ from regproxy.errors import (
     NameInvalid,
     RangeNotSatisfiable,
     SizeInvalid,
+    TooManyRequests,
 )
 from regproxy.reference import validate_name
 from regproxy.server.bodies import chunks, parse_content_range
-from regproxy.server.keys import OFFLOAD, REGISTRY, UPLOADS
+from regproxy.server.keys import CONFIG, OFFLOAD, REGISTRY, UPLOADS
 from regproxy.server.names import local_name_for_write
 from regproxy.storage.uploads import UploadSession
 
@@ -98,6 +99,11 @@ async def _receive_chunk(request: web.Request, session: UploadSession) -> None:
         raise SizeInvalid(f"received {received} bytes, Content-Range announced {expected}")
 
 
+def _owner(request: web.Request) -> str | None:
+    """Who an upload session belongs to: the user; without auth, nobody in particular."""
+    return request.get("user")
+
+
 async def start_upload(request: web.Request) -> web.Response:
     name = local_name_for_write(request)
     store = request.app[REGISTRY]
@@ -110,12 +116,21 @@ async def start_upload(request: web.Request) -> web.Response:
             validate_name(source)
         except NameInvalid:
             source = None
+        may = request.get("may")
+        if source and may is not None and not may("pull", source):
+            source = None  # never mount from a repository the caller cannot read
         if source and await offload.run(store.mount_blob, name, digest, source):
             return _created(name, digest)
         # not mountable (or no access): fall back to a normal upload, as the spec says
     if "digest" in request.query:
         _digest_param(request)  # a malformed digest must not leave a session behind
-    session = await offload.run(request.app[UPLOADS].create, name)
+    owner = _owner(request)
+    client = owner or request.remote
+    uploads = request.app[UPLOADS]
+    limit = request.app[CONFIG].server.max_uploads_per_client
+    if uploads.open_sessions(client) >= limit:
+        raise TooManyRequests(f"at most {limit} upload sessions may be open at once")
+    session = await offload.run(uploads.create, name, owner, client)
     if "digest" in request.query:
         return await _finish(request, session, monolithic=True)
     return web.Response(status=202, headers=_progress_headers(session))
@@ -127,7 +142,7 @@ async def _finish(request: web.Request, session: UploadSession, monolithic: bool
     offload = request.app[OFFLOAD]
     async with _session_lock(request, session.id):
         # a request that waited for the lock may find the session finished or cancelled
-        session = uploads.get(session.name, session.id)
+        session = uploads.get(session.name, session.id, session.owner)
         try:
             await _receive_chunk(request, session)
         except BaseException:
@@ -140,7 +155,7 @@ async def _finish(request: web.Request, session: UploadSession, monolithic: bool
 
 async def patch_upload(request: web.Request) -> web.Response:
     name = local_name_for_write(request)
-    session = request.app[UPLOADS].get(name, request.match_info["upload_id"])
+    session = request.app[UPLOADS].get(name, request.match_info["upload_id"], _owner(request))
     lock = _session_lock(request, session.id)
     if lock.locked():
         raise BlobUploadInvalid("another request is writing to this upload")
@@ -151,19 +166,19 @@ async def patch_upload(request: web.Request) -> web.Response:
 
 async def put_upload(request: web.Request) -> web.Response:
     name = local_name_for_write(request)
-    session = request.app[UPLOADS].get(name, request.match_info["upload_id"])
+    session = request.app[UPLOADS].get(name, request.match_info["upload_id"], _owner(request))
     return await _finish(request, session, monolithic=False)
 
 
 async def upload_status(request: web.Request) -> web.Response:
     name = local_name_for_write(request)
-    session = request.app[UPLOADS].get(name, request.match_info["upload_id"])
+    session = request.app[UPLOADS].get(name, request.match_info["upload_id"], _owner(request))
     return web.Response(status=204, headers=_progress_headers(session))
 
 
 async def cancel_upload(request: web.Request) -> web.Response:
     name = local_name_for_write(request)
     uploads = request.app[UPLOADS]
-    session = uploads.get(name, request.match_info["upload_id"])
+    session = uploads.get(name, request.match_info["upload_id"], _owner(request))
     await request.app[OFFLOAD].run(uploads.cancel, session)
     return web.Response(status=204)

@@ -41,6 +41,7 @@ class UploadSession:
     started: float = 0.0
     owner: str | None = None
     touched: float = 0.0
+    client: str | None = None  # user or address, for the per-client session limit
 
     @property
     def data_path(self) -> Path:
@@ -56,7 +57,9 @@ class Uploads:
         self._live: dict[str, UploadSession] = {}
         self._lock = threading.Lock()
 
-    def create(self, name: str, owner: str | None = None) -> UploadSession:
+    def create(
+        self, name: str, owner: str | None = None, client: str | None = None
+    ) -> UploadSession:
         upload_id = uuid.uuid4().hex
         folder = self.root / upload_id
         folder.mkdir()
@@ -64,20 +67,29 @@ class Uploads:
         info = {"name": name, "owner": owner, "started": now}
         (folder / "info").write_text(json.dumps(info))
         (folder / "data").touch()
-        session = UploadSession(upload_id, name, folder, 0, new_hasher(), now, owner, now)
+        session = UploadSession(upload_id, name, folder, 0, new_hasher(), now, owner, now, client)
         with self._lock:
             self._live[upload_id] = session
         return session
 
-    def get(self, name: str, upload_id: str) -> UploadSession:
-        """The session `upload_id` of repository `name`; `BlobUploadUnknown` otherwise."""
+    def open_sessions(self, client: str | None) -> int:
+        """How many live sessions `client` holds (for the per-client limit)."""
+        with self._lock:
+            return sum(1 for s in self._live.values() if s.client == client)
+
+    def get(self, name: str, upload_id: str, owner: str | None = None) -> UploadSession:
+        """The session `upload_id` of repository `name` started by `owner`.
+
+        Anything else (unknown id, another repository, another user's session) is
+        `BlobUploadUnknown`: a session's existence is not revealed to others.
+        """
         if not _ID_RE.fullmatch(upload_id):
             raise BlobUploadUnknown(detail={"uuid": upload_id[:100]})
         with self._lock:
             session = self._live.get(upload_id)
         if session is None:
             session = self._load(upload_id)
-        if session is None or session.name != name:
+        if session is None or session.name != name or session.owner != owner:
             raise BlobUploadUnknown(detail={"uuid": upload_id})
         return session
 

@@ -1,0 +1,1 @@
+"""Authentication and authorisation without a server: htpasswd users, rules, signed tokens."""

@@ -1,0 +1,203 @@
+"""Authentication and authorisation at the HTTP edge: challenges, the token endpoint, checks.
+
+Every route's handler is mapped to the action it needs (`pull`, `push`,
+`delete`, or a special kind); one middleware identifies the caller (Basic
+credentials or a bearer token), asks the `Policy`, and answers 401 with a
+challenge (anonymous, or a token lacking the scope) or 403 `DENIED`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from aiohttp import web
+
+from regproxy.access.htpasswd import Htpasswd
+from regproxy.access.policy import Policy
+from regproxy.access.tokens import Grant, TokenSigner
+from regproxy.config import Config
+from regproxy.errors import Denied, RegistryError, Unauthorized
+from regproxy.server.keys import CONFIG, OFFLOAD
+
+TOKEN_PATH = "/auth/token"
+#: route handler → (kind of check per HTTP method); filled by app.py
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    user: str | None
+    grant: Grant | None = None  # a bearer token's grant
+
+
+class Authenticator:
+    """Everything auth needs for one app: users, policy, token signer."""
+
+    def __init__(self, config: Config) -> None:
+        auth = config.auth
+        assert auth.htpasswd is not None
+        self.config = config
+        self.mode = auth.mode
+        self.service = auth.service
+        self.htpasswd = Htpasswd(auth.htpasswd)
+        self.policy = Policy(auth, config.proxy.prefix)
+        self.signer = TokenSigner(auth.signing_key(), auth.service, auth.token_ttl)
+        self.actions: dict[tuple[Handler, str], str] = {}
+
+    def requires(self, handler: Handler, method: str, kind: str) -> None:
+        self.actions[(handler, method)] = kind
+        if method == "GET":
+            self.actions[(handler, "HEAD")] = kind
+
+    # ---- identifying the caller ---------------------------------------------------------
+
+    async def check_password(self, request: web.Request, user: str, password: str) -> bool:
+        if self.htpasswd.cached(user, password):
+            return True
+        return await request.app[OFFLOAD].run(self.htpasswd.check, user, password)
+
+    async def basic_user(self, request: web.Request, value: str) -> str:
+        try:
+            decoded = base64.b64decode(value, validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            raise self.challenge(request, None, "malformed Basic credentials") from None
+        user, sep, password = decoded.partition(":")
+        if not sep or not await self.check_password(request, user, password):
+            raise self.challenge(request, None, "invalid username or password")
+        return user
+
+    async def identify(self, request: web.Request) -> Identity:
+        header = request.headers.get("Authorization", "")
+        scheme, _, value = header.partition(" ")
+        scheme = scheme.lower()
+        if not header:
+            return Identity(None)
+        if scheme == "basic":
+            return Identity(await self.basic_user(request, value.strip()))
+        if scheme == "bearer" and self.mode == "token":
+            grant = self.signer.verify(value.strip())
+            if grant is None:
+                raise self.challenge(request, None, "invalid or expired token", "invalid_token")
+            return Identity(grant.subject, grant)
+        raise self.challenge(request, None, "unsupported authorization scheme")
+
+    # ---- answers ------------------------------------------------------------------------
+
+    def base_url(self, request: web.Request) -> str:
+        scheme, host = request.scheme, request.host
+        if self.config.server.trust_forwarded_headers:
+            scheme = request.headers.get("X-Forwarded-Proto", scheme).split(",")[0].strip()
+            host = request.headers.get("X-Forwarded-Host", host).split(",")[0].strip()
+        return f"{scheme}://{host}"
+
+    def challenge(
+        self,
+        request: web.Request,
+        scope: str | None,
+        message: str = "authentication required",
+        error: str | None = None,
+    ) -> RegistryError:
+        if self.mode == "basic":
+            header = f'Basic realm="{self.service}"'
+        else:
+            header = f'Bearer realm="{self.base_url(request)}{TOKEN_PATH}",service="{self.service}"'
+            if scope:
+                header += f',scope="{scope}"'
+            if error:
+                header += f',error="{error}"'
+        return Unauthorized(message, headers={"WWW-Authenticate": header})
+
+    # ---- the decision -------------------------------------------------------------------
+
+    def may(self, identity: Identity, action: str, name: str, proxied: bool) -> bool:
+        if not self.policy.allows(identity.user, action, name, proxied):
+            return False
+        return identity.grant is None or identity.grant.permits(name, action)
+
+    async def authorise(self, request: web.Request, kind: str) -> None:
+        identity = await self.identify(request)
+        request["user"] = identity.user
+        request["may"] = lambda action, name: self.may(identity, action, name, False)
+        if kind in ("base", "catalog"):
+            if identity.user is None and identity.grant is None:
+                raise self.challenge(request, None)
+            return
+        name = request.match_info.get("name", "")
+        prefix = self.config.proxy.prefix
+        proxied = "ns" in request.query or name == prefix or name.startswith(prefix + "/")
+        if self.policy.allows(identity.user, kind, name, proxied):
+            if identity.grant is None or identity.grant.permits(name, kind):
+                return
+            scope = f"repository:{name}:{'pull,push' if kind == 'push' else kind}"
+            raise self.challenge(request, scope, "token does not grant this", "insufficient_scope")
+        if identity.user is None:
+            scope = f"repository:{name}:{'pull,push' if kind == 'push' else kind}"
+            raise self.challenge(request, scope)
+        raise Denied(f"{identity.user} may not {kind} {name}")
+
+
+AUTH = web.AppKey("authenticator", Authenticator)
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    auth = request.app.get(AUTH)
+    if auth is not None:
+        kind = auth.actions.get((request.match_info.handler, request.method))
+        if kind is not None:
+            await auth.authorise(request, kind)
+    return await handler(request)
+
+
+def _scopes(request: web.Request) -> list[tuple[str, list[str]]]:
+    """`repository:<name>:<actions>` scopes of a token request (repeated or space-separated)."""
+    found = []
+    for raw in request.query.getall("scope", []):
+        for scope in raw.split(" "):
+            kind, _, rest = scope.partition(":")
+            name, _, actions = rest.rpartition(":")
+            if kind == "repository" and name:
+                found.append((name, [a for a in actions.split(",") if a]))
+    return found
+
+
+async def token_endpoint(request: web.Request) -> web.Response:
+    """Issue a token for the granted part of the requested scopes (Basic credentials or none)."""
+    auth = request.app[AUTH]
+    user: str | None = None
+    header = request.headers.get("Authorization", "")
+    if request.method == "POST":
+        form = await request.post()
+        if form.get("grant_type") == "password":
+            username, password = str(form.get("username", "")), str(form.get("password", ""))
+            if not await auth.check_password(request, username, password):
+                raise Unauthorized("invalid username or password")
+            user = username
+        elif form.get("grant_type") not in (None, ""):
+            raise Unauthorized("unsupported grant type")
+    elif header:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "basic":
+            raise Unauthorized("the token endpoint takes Basic credentials")
+        try:
+            user = await auth.basic_user(request, value.strip())
+        except Unauthorized:
+            raise Unauthorized("invalid username or password") from None
+    prefix = request.app[CONFIG].proxy.prefix
+    access: dict[str, list[str]] = {}
+    for name, wanted in _scopes(request):
+        proxied = name == prefix or name.startswith(prefix + "/")
+        granted = auth.policy.granted(user, name, wanted, proxied)
+        if granted:
+            access.setdefault(name, [])
+            access[name] = sorted(set(access[name]) | set(granted))
+    token, lifetime = auth.signer.issue(user, access)
+    issued = datetime.fromtimestamp(time.time(), timezone.utc).isoformat()
+    return web.json_response(
+        {"token": token, "access_token": token, "expires_in": lifetime, "issued_at": issued}
+    )

@@ -1,0 +1,120 @@
+"""Run an app: listen (HTTP or HTTPS), reload the certificate on SIGHUP, stop gracefully.
+
+Slow clients: a connection that has not completed its first request's headers
+within `HEADER_TIMEOUT` is closed, idle keep-alive connections after
+`KEEPALIVE_TIMEOUT`, and request bodies that stall after `server.body_timeout`
+(see `bodies.py`), so a slow-loris client cannot hold connections forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_server import Server
+
+from regproxy.config import Config
+from regproxy.errors import ConfigError
+from regproxy.server.app import create_app
+
+log = logging.getLogger("regproxy")
+
+HEADER_TIMEOUT = 30.0
+KEEPALIVE_TIMEOUT = 75.0
+
+
+class _GuardedHandler(RequestHandler):
+    """A request handler that drops connections which never complete a request."""
+
+    _guard: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._guard = asyncio.get_running_loop().call_later(HEADER_TIMEOUT, self._no_request)
+
+    def _no_request(self) -> None:
+        if getattr(self, "_request_count", 1) == 0 and self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._guard is not None:
+            self._guard.cancel()
+        super().connection_lost(exc)
+
+
+class _GuardedServer(Server):
+    def __call__(self) -> RequestHandler:
+        return _GuardedHandler(self, loop=self._loop, **self._kwargs)
+
+
+class GuardedRunner(web.AppRunner):
+    async def _make_server(self) -> Server:
+        server = await super()._make_server()
+        server.__class__ = _GuardedServer  # same state, guarded handlers
+        return server
+
+
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    """A server TLS context from `[server] tls_certificate/tls_key`, or None for plain HTTP."""
+    cert, key = config.server.tls_certificate, config.server.tls_key
+    if cert is None or key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except OSError as exc:
+        if isinstance(exc, ssl.SSLError):
+            raise
+        raise ConfigError(
+            f"server.tls_certificate/tls_key: {exc.strerror}: {exc.filename}"
+        ) from None
+    return context
+
+
+def reload_tls(context: ssl.SSLContext, config: Config) -> None:
+    """Load the certificate files again: new connections get them, open ones keep theirs."""
+    try:
+        context.load_cert_chain(config.server.tls_certificate, config.server.tls_key)
+        log.info("TLS certificate reloaded from %s", config.server.tls_certificate)
+    except (OSError, ssl.SSLError) as exc:
+        log.error("TLS certificate reload failed, keeping the old one: %s", exc)
+
+
+async def serve(config: Config, version: str) -> None:
+    """Serve until SIGTERM or SIGINT; in-flight requests get `shutdown_timeout` to finish."""
+    app = create_app(config)
+    runner = GuardedRunner(
+        app,
+        handle_signals=False,
+        shutdown_timeout=config.server.shutdown_timeout,
+        access_log=logging.getLogger("regproxy.access"),
+        keepalive_timeout=KEEPALIVE_TIMEOUT,
+    )
+    context = tls_context(config)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if context is not None:
+        loop.add_signal_handler(signal.SIGHUP, reload_tls, context, config)
+    try:
+        site = web.TCPSite(
+            runner, config.server.host, config.server.port, ssl_context=context, backlog=1024
+        )
+        await site.start()
+        scheme = "https" if context is not None else "http"
+        for address in runner.addresses:
+            host, port = address[0], address[1]
+            shown = f"[{host}]" if ":" in host else host
+            log.info("regproxy %s listening on %s://%s:%d", version, scheme, shown, port)
+        await stop.wait()
+        log.info("shutting down: finishing in-flight requests")
+    finally:
+        await runner.cleanup()
+    log.info("stopped")
