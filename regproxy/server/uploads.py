@@ -136,6 +136,11 @@ async def start_upload(request: web.Request) -> web.Response:
     return web.Response(status=202, headers=_progress_headers(session))
 
 
+async def _abort(request: web.Request, session: UploadSession) -> None:
+    """A body cut off by a server shutdown: drop the session and its temp file."""
+    await asyncio.shield(request.app[OFFLOAD].run(request.app[UPLOADS].cancel, session))
+
+
 async def _finish(request: web.Request, session: UploadSession, monolithic: bool) -> web.Response:
     digest = _digest_param(request)
     uploads = request.app[UPLOADS]
@@ -145,6 +150,9 @@ async def _finish(request: web.Request, session: UploadSession, monolithic: bool
         session = uploads.get(session.name, session.id, session.owner)
         try:
             await _receive_chunk(request, session)
+        except asyncio.CancelledError:
+            await _abort(request, session)
+            raise
         except BaseException:
             if monolithic:
                 await offload.run(uploads.cancel, session)
@@ -160,7 +168,11 @@ async def patch_upload(request: web.Request) -> web.Response:
     if lock.locked():
         raise BlobUploadInvalid("another request is writing to this upload")
     async with lock:
-        await _receive_chunk(request, session)
+        try:
+            await _receive_chunk(request, session)
+        except asyncio.CancelledError:
+            await _abort(request, session)
+            raise
     return web.Response(status=202, headers=_progress_headers(session))
 
 
