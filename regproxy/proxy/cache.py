@@ -10,9 +10,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -38,6 +40,9 @@ from regproxy.storage.store import Store, StoredManifest
 log = logging.getLogger("regproxy.proxy")
 
 HIT, MISS, REVALIDATED, STALE = "HIT", "MISS", "REVALIDATED", "STALE"
+#: the response header that tells clients (and logs) how the cache answered
+CACHE_STATUS = "X-Cache-Status"
+_LINK_RE = re.compile(r'<([^>]*)>\s*;\s*rel="?next"?')
 FETCH_CHUNK = 1024 * 1024
 
 
@@ -415,31 +420,40 @@ class ProxyCache:
 
     # ---- listings ----------------------------------------------------------------------
 
-    async def tags(self, target: ProxyName) -> list[str]:
-        """Upstream's tag list, or the cached tags when the upstream cannot answer."""
+    async def tags(
+        self, target: ProxyName, params: dict[str, str]
+    ) -> tuple[list[str], str | None, str]:
+        """One page of the upstream's tag list (`n`/`last` passed on), the query of its next
+        page, and the cache status; the cached tags (STALE) when the upstream cannot answer."""
         upstream = self.upstream(target)
-        name = cache_name(target)
         try:
-            body, _headers = await upstream.get_json(
-                f"/v2/{target.remote}/tags/list", target.remote
+            body, headers = await upstream.get_json(
+                f"/v2/{target.remote}/tags/list", target.remote, params or None
             )
-            tags = body.get("tags") if isinstance(body, dict) else None
-            return sorted(t for t in (tags or []) if isinstance(t, str))
         except UpstreamError as exc:
             if exc.not_found:
                 raise NameUnknown(f"{target.remote} not found upstream") from None
-            cached = await self.offload.run(self.store.tags, name, True)
+            cached = await self.offload.run(self.store.tags, cache_name(target), True)
             if not cached:
                 raise _error_for(exc, NameUnknown, target.remote) from None
-            return cached
+            log.warning("serving stale tags of %s/%s: %s", target.upstream, target.remote, exc)
+            self.stats.status(target.upstream, STALE)
+            return cached, None, STALE
+        tags = body.get("tags") if isinstance(body, dict) else None
+        match = _LINK_RE.search(headers.get("Link", ""))
+        next_query = urlsplit(match.group(1)).query if match else None
+        self.stats.status(target.upstream, MISS)
+        return [t for t in (tags or []) if isinstance(t, str)], next_query or None, MISS
 
-    async def referrers(self, target: ProxyName, digest: Digest) -> list[dict]:
+    async def referrers(self, target: ProxyName, digest: Digest) -> tuple[list[dict], str]:
+        """The upstream's referrers of `digest`, or the cached ones (STALE) on failure."""
         upstream = self.upstream(target)
         try:
             body, _ = await upstream.get_json(
                 f"/v2/{target.remote}/referrers/{digest}", target.remote
             )
-            found = body.get("manifests") if isinstance(body, dict) else None
-            return [d for d in (found or []) if isinstance(d, dict)]
         except UpstreamError:
-            return await self.offload.run(self.store.referrers, cache_name(target), digest)
+            found = await self.offload.run(self.store.referrers, cache_name(target), digest)
+            return found, STALE
+        manifests = body.get("manifests") if isinstance(body, dict) else None
+        return [d for d in (manifests or []) if isinstance(d, dict)], MISS

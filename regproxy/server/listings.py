@@ -8,6 +8,7 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from regproxy.errors import PaginationInvalid
+from regproxy.proxy.cache import CACHE_STATUS, STALE
 from regproxy.server.keys import OFFLOAD, PROXY, REGISTRY
 from regproxy.server.names import read_target
 
@@ -49,13 +50,18 @@ def _json(body: dict, link: str | None) -> web.Response:
 async def list_tags(request: web.Request) -> web.Response:
     target = read_target(request)
     if isinstance(target, str):
-        name = target
-        tags = await request.app[OFFLOAD].run(request.app[REGISTRY].tags, name)
-    else:
-        name = target.local
-        tags = await request.app[PROXY].tags(target)
-    page, link = paginate(request, tags, None)
-    return _json({"name": name, "tags": page}, link)
+        tags = await request.app[OFFLOAD].run(request.app[REGISTRY].tags, target)
+        page, link = paginate(request, tags, None)
+        return _json({"name": target, "tags": page}, link)
+    params = {k: v for k, v in request.query.items() if k in ("n", "last")}
+    tags, next_query, status = await request.app[PROXY].tags(target, params)
+    if status == STALE:  # the cached tags, paginated here
+        page, link = paginate(request, sorted(tags), None)
+    else:  # the upstream's page; its next page is reached through us
+        page, link = tags, (f'<{request.path}?{next_query}>; rel="next"' if next_query else None)
+    response = _json({"name": target.local, "tags": page}, link)
+    response.headers[CACHE_STATUS] = status
+    return response
 
 
 async def catalog(request: web.Request) -> web.Response:

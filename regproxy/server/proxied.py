@@ -7,13 +7,11 @@ import contextlib
 from aiohttp import web
 
 from regproxy.digest import Digest
-from regproxy.proxy.cache import HIT, MISS
+from regproxy.proxy.cache import CACHE_STATUS, HIT, MISS
 from regproxy.proxy.flights import FlightFailed
 from regproxy.reference import ProxyName
 from regproxy.server.keys import OFFLOAD, PROXY
 from regproxy.server.responses import BLOB_CONTENT_TYPE, blob_file_response, manifest_response
-
-CACHE_STATUS = "X-Cache-Status"
 
 
 def _accept_list(request: web.Request) -> list[str]:
