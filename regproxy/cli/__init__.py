@@ -58,9 +58,11 @@ def main() -> None:
 
 
 def _register() -> None:
-    from regproxy.cli import serve
+    from regproxy.cli import gc, ls, prefetch, serve, verify
 
     main.add_command(serve.serve)
+    for command in (gc.gc, ls.ls, verify.verify, prefetch.prefetch):
+        main.add_command(command)
 
 
 _register()

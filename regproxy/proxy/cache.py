@@ -157,6 +157,11 @@ class ProxyCache:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def drain(self) -> None:
+        """Wait for background work (fetches, pull records) to finish, for offline users."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
     async def close(self) -> None:
         for flight in list(self._blob_flights.values()):
             flight.fail(FlightFailed("server shutting down"))

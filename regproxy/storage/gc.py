@@ -27,6 +27,8 @@ from regproxy.storage.store import Store
 MAX_LISTED = 1000
 #: seconds: how far a file's mtime may lag time.time() (coarse kernel timestamps), with margin
 CLOCK_SLACK = 1.0
+#: seconds: a file in a store's tmp/ younger than this may belong to a write in progress
+TEMP_MIN_AGE = 3600.0
 
 
 @dataclass
@@ -211,7 +213,9 @@ def collect(
             for name in repositories:
                 _unlink_swept_layers(store, name, swept)
     report.blobs_kept = len(marker.blobs)
-    _remove_old_files(store.layout.tmp, cutoff, report)
+    # tmp/ holds atomic writes and cross-filesystem copies in progress (a slow fsync or a
+    # big copy can take seconds): only crash leftovers go, whatever the grace period
+    _remove_old_files(store.layout.tmp, min(cutoff, started - TEMP_MIN_AGE), report)
     report.seconds = time.time() - started
     return report
 

@@ -1,4 +1,4 @@
-"""Graceful stop: SIGTERM lets requests finish for `shutdown_timeout`, then drops cut-off uploads."""
+"""Graceful stop: requests get `shutdown_timeout` to finish, then cut-off uploads are dropped."""
 
 from __future__ import annotations
 

@@ -1,0 +1,232 @@
+"""`regproxy gc`: sweep both stores, expire and evict cached content, clean temp files.
+
+Safe while `serve` runs on the same directories (see `storage.gc` for the lock
+protocol). Order: the registry store; the proxy store (repositories not pulled
+for `--proxy-max-age` lose their tags first); the proxy's LRU budget; the
+temporary area (expired uploads, spool leftovers).
+
+`--json` prints:
+
+    {"dry_run": bool, "bytes_freed": int, "seconds": float,
+     "stores": [{"store": "registry" | "proxy" | "temporary", "dry_run", "blobs_removed",
+                 "bytes_freed", "manifests_removed", "tags_removed", "uploads_removed",
+                 "temp_files_removed", "blobs_kept", "seconds", "removed": [digest…]}],
+     "eviction": null | {"store": "proxy", "dry_run", "budget", "size_before", "size_after",
+                         "blobs_removed", "bytes_freed", "seconds"}}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from regproxy import config as config_mod
+from regproxy.cli import config_option, fail, load_config
+from regproxy.cli.render import (
+    add_row,
+    check_writable,
+    cli_errors,
+    console,
+    emit_json,
+    human_seconds,
+    human_size,
+    json_option,
+    open_store,
+    table,
+)
+from regproxy.storage import gc as gc_mod
+
+JSON_KEYS = ("dry_run", "bytes_freed", "seconds", "stores", "eviction")
+STORE_KEYS = (
+    "store",
+    "dry_run",
+    "blobs_removed",
+    "bytes_freed",
+    "manifests_removed",
+    "tags_removed",
+    "uploads_removed",
+    "temp_files_removed",
+    "blobs_kept",
+    "seconds",
+    "removed",
+)
+
+
+def _duration(option: str, text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        return config_mod.parse_duration(text)
+    except ValueError as exc:
+        fail(f"{option}: {exc}")
+        raise  # unreachable
+
+
+def _size(option: str, text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return config_mod.parse_size(text)
+    except ValueError as exc:
+        fail(f"{option}: {exc}")
+        raise  # unreachable
+
+
+@click.command()
+@config_option
+@click.option(
+    "--grace",
+    default="1h",
+    show_default=True,
+    help="Keep unreferenced blobs and untagged manifests younger than this (0, 90s, 1h…).",
+)
+@click.option(
+    "--delete-untagged",
+    is_flag=True,
+    help="Also drop untagged manifests of pushed images (never children of a kept index).",
+)
+@click.option(
+    "--proxy-max-age",
+    metavar="DURATION",
+    help="Drop cached repositories not pulled for this long (e.g. 30d), then sweep.",
+)
+@click.option(
+    "--proxy-max-size",
+    metavar="SIZE",
+    help="Evict least-recently-pulled cached blobs until the cache fits (e.g. 50GiB); "
+    "default: the config's proxy_max_size.",
+)
+@click.option("--dry-run", is_flag=True, help="Report what would go; change nothing.")
+@json_option
+def gc(
+    config_path: Path | None,
+    grace: str,
+    delete_untagged: bool,
+    proxy_max_age: str | None,
+    proxy_max_size: str | None,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Remove unreferenced blobs, expired uploads and stale cached content.
+
+    Pushed content is only ever removed when nothing references it; the proxy
+    options apply to cached content alone.
+    """
+    config = load_config(config_path)
+    grace_s = _duration("--grace", grace) or 0.0
+    max_age = _duration("--proxy-max-age", proxy_max_age)
+    budget = _size("--proxy-max-size", proxy_max_size)
+    if budget is None:
+        budget = config.proxy_max_size
+    started = time.time()
+    out = console()
+    reports: list[gc_mod.GcReport] = []
+    eviction: gc_mod.EvictionReport | None = None
+    roots = [config.registry_storage, config.proxy_storage, config.temporary_registry_storage]
+    if not dry_run:
+        for root in roots:
+            if root.exists():
+                check_writable(root)
+    status = out.status("collecting…") if out.is_terminal and not as_json else None
+    with cli_errors(), status or contextlib.nullcontext():
+        registry = open_store(config.registry_storage, create=False)
+        if registry is not None:
+            reports.append(
+                gc_mod.collect(registry, grace_s, delete_untagged, dry_run, label="registry")
+            )
+        proxy = open_store(config.proxy_storage, create=False)
+        if proxy is not None:
+            reports.append(
+                gc_mod.collect(
+                    proxy, grace_s, False, dry_run, "proxy", expire_repositories_older_than=max_age
+                )
+            )
+            if budget is not None:
+                eviction = gc_mod.evict_lru(proxy, budget, dry_run)
+        if config.temporary_registry_storage.exists():
+            reports.append(
+                gc_mod.collect_temp(
+                    config.temporary_registry_storage,
+                    config.server.upload_max_age,
+                    grace_s,
+                    dry_run,
+                )
+            )
+    freed = sum(r.bytes_freed for r in reports) + (eviction.bytes_freed if eviction else 0)
+    seconds = time.time() - started
+    if as_json:
+        emit_json(
+            {
+                "dry_run": dry_run,
+                "bytes_freed": freed,
+                "seconds": round(seconds, 3),
+                "stores": [r.to_json() for r in reports],
+                "eviction": eviction.to_json() if eviction else None,
+            }
+        )
+        return
+    _render(out, reports, eviction, dry_run, freed, seconds)
+
+
+def _render(
+    out: Console,
+    reports: list[gc_mod.GcReport],
+    eviction: gc_mod.EvictionReport | None,
+    dry_run: bool,
+    freed: int,
+    seconds: float,
+) -> None:
+    title = "gc (dry run: nothing was removed)" if dry_run else "gc"
+    verb = "would free" if dry_run else "freed"
+    t = table(
+        title,
+        [
+            "store",
+            ("blobs", "right"),
+            ("manifests", "right"),
+            ("tags", "right"),
+            ("uploads", "right"),
+            ("temp files", "right"),
+            (verb, "right"),
+            ("kept blobs", "right"),
+            ("time", "right"),
+        ],
+    )
+    for r in reports:
+        kept = str(r.blobs_kept) if r.store != "temporary" else "-"
+        add_row(
+            t,
+            r.store,
+            str(r.blobs_removed),
+            str(r.manifests_removed),
+            str(r.tags_removed),
+            str(r.uploads_removed),
+            str(r.temp_files_removed),
+            human_size(r.bytes_freed),
+            kept,
+            human_seconds(r.seconds),
+        )
+    if eviction is not None:
+        add_row(
+            t,
+            "proxy (LRU)",
+            str(eviction.blobs_removed),
+            "-",
+            "-",
+            "-",
+            "-",
+            human_size(eviction.bytes_freed),
+            "-",
+            human_seconds(eviction.seconds),
+        )
+    out.print(t)
+    if eviction is not None:
+        out.print(
+            f"proxy cache: {human_size(eviction.size_before)} → {human_size(eviction.size_after)}"
+            f" (budget {human_size(eviction.budget)})"
+        )
+    out.print(f"{verb} {human_size(freed)} in {human_seconds(seconds)}")
