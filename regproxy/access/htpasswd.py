@@ -21,6 +21,21 @@ from regproxy.errors import ConfigError
 
 CACHE_SECONDS = 300.0
 _DUMMY_HASH = bcrypt.hashpw(b"not a password", bcrypt.gensalt(rounds=10))
+#: bcrypt uses the first 72 bytes of a password (htpasswd -B too); bcrypt>=5 raises on more
+MAX_PASSWORD_BYTES = 72
+_DUMMIES: dict[int, bytes] = {}
+
+
+def _dummy_like(users: dict[str, bytes]) -> bytes:
+    """A hash for unknown users that costs what the file's entries cost (no timing oracle)."""
+    for hashed in users.values():
+        parts = hashed.split(b"$")
+        cost = int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else 0
+        if 4 <= cost <= 31:
+            if cost not in _DUMMIES:
+                _DUMMIES[cost] = bcrypt.hashpw(b"not a password", bcrypt.gensalt(rounds=cost))
+            return _DUMMIES[cost]
+    return _DUMMY_HASH
 
 
 def parse_htpasswd(text: str, source: str = "htpasswd") -> dict[str, bytes]:
@@ -47,6 +62,7 @@ class Htpasswd:
         self._lock = threading.Lock()
         self._mtime: float | None = None
         self._users: dict[str, bytes] = {}
+        self._dummy = _DUMMY_HASH
         self._verified: dict[tuple[str, bytes], float] = {}
         self._reload()
 
@@ -58,8 +74,10 @@ class Htpasswd:
             users = parse_htpasswd(self.path.read_text(encoding="utf-8"), str(self.path))
         except OSError as exc:
             raise ConfigError(f"auth.htpasswd: cannot read {self.path}: {exc.strerror}") from None
+        dummy = _dummy_like(users)
         with self._lock:
             self._users = users
+            self._dummy = dummy
             self._mtime = stat.st_mtime
             self._verified.clear()
 
@@ -73,9 +91,14 @@ class Htpasswd:
         with self._lock:
             expires = self._verified.get(key)
             stored = self._users.get(user)
+            dummy = self._dummy
         if expires is not None and expires > now and stored is not None:
             return True
-        ok = bcrypt.checkpw(secret, stored if stored is not None else _DUMMY_HASH)
+        against = stored if stored is not None else dummy
+        try:
+            ok = bcrypt.checkpw(secret[:MAX_PASSWORD_BYTES], against)
+        except ValueError:  # a malformed entry in the file: nobody logs in with it
+            ok = False
         ok = ok and stored is not None
         if ok:
             with self._lock:

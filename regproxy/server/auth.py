@@ -8,8 +8,10 @@ challenge (anonymous, or a token lacking the scope) or 403 `DENIED`.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,9 +24,12 @@ from regproxy.access.policy import Policy
 from regproxy.access.tokens import Grant, TokenSigner
 from regproxy.config import Config
 from regproxy.errors import Denied, RegistryError, Unauthorized
-from regproxy.server.keys import CONFIG, OFFLOAD
+from regproxy.server.keys import CONFIG, MAY, OFFLOAD, USER
 
 TOKEN_PATH = "/auth/token"
+#: a scope that can go into the challenge as it is: printable ASCII without space, `"` or `\`
+#: (a name with CR/LF or quotes is invalid anyway; it must not break the header)
+_HEADER_SAFE = re.compile(r"[!#-\[\]-~]+")
 #: route handler → (kind of check per HTTP method); filled by app.py
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -106,7 +111,7 @@ class Authenticator:
             header = f'Basic realm="{self.service}"'
         else:
             header = f'Bearer realm="{self.base_url(request)}{TOKEN_PATH}",service="{self.service}"'
-            if scope:
+            if scope and _HEADER_SAFE.fullmatch(scope):
                 header += f',scope="{scope}"'
             if error:
                 header += f',error="{error}"'
@@ -121,11 +126,15 @@ class Authenticator:
 
     async def authorise(self, request: web.Request, kind: str) -> None:
         identity = await self.identify(request)
-        request["user"] = identity.user
-        request["may"] = lambda action, name: self.may(identity, action, name, False)
+        request[USER] = identity.user
+        request[MAY] = lambda action, name: self.may(identity, action, name, False)
         if kind in ("base", "catalog"):
             if identity.user is None and identity.grant is None:
                 raise self.challenge(request, None)
+            if kind == "catalog":
+                # a catalog token has no repository scopes: list what the rules let them pull
+                user = identity.user
+                request[MAY] = lambda action, name: self.policy.allows(user, action, name)
             return
         name = request.match_info.get("name", "")
         prefix = self.config.proxy.prefix
@@ -154,10 +163,11 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return await handler(request)
 
 
-def _scopes(request: web.Request) -> list[tuple[str, list[str]]]:
-    """`repository:<name>:<actions>` scopes of a token request (repeated or space-separated)."""
+def _scopes(request: web.Request, posted: list[str]) -> list[tuple[str, list[str]]]:
+    """`repository:<name>:<actions>` scopes of a token request (repeated or space-separated),
+    from the query and, for the OAuth2 POST form, from the body (`posted`)."""
     found = []
-    for raw in request.query.getall("scope", []):
+    for raw in [*request.query.getall("scope", []), *posted]:
         for scope in raw.split(" "):
             kind, _, rest = scope.partition(":")
             name, _, actions = rest.rpartition(":")
@@ -171,8 +181,18 @@ async def token_endpoint(request: web.Request) -> web.Response:
     auth = request.app[AUTH]
     user: str | None = None
     header = request.headers.get("Authorization", "")
+    posted: list[str] = []
     if request.method == "POST":
-        form = await request.post()
+        try:  # a form that stalls is cut off like any request body (slow clients)
+            async with asyncio.timeout(request.app[CONFIG].server.body_timeout):
+                form = await request.post()
+        except TimeoutError:
+            if request.transport is not None:
+                request.transport.close()
+            raise Unauthorized("the token request form did not arrive in time") from None
+        except (ValueError, LookupError):  # a broken multipart body, an unknown charset
+            raise Unauthorized("malformed token request form") from None
+        posted = [str(scope) for scope in form.getall("scope", [])]
         if form.get("grant_type") == "password":
             username, password = str(form.get("username", "")), str(form.get("password", ""))
             if not await auth.check_password(request, username, password):
@@ -190,7 +210,7 @@ async def token_endpoint(request: web.Request) -> web.Response:
             raise Unauthorized("invalid username or password") from None
     prefix = request.app[CONFIG].proxy.prefix
     access: dict[str, list[str]] = {}
-    for name, wanted in _scopes(request):
+    for name, wanted in _scopes(request, posted):
         proxied = name == prefix or name.startswith(prefix + "/")
         granted = auth.policy.granted(user, name, wanted, proxied)
         if granted:

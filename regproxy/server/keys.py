@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aiohttp import web
 
 from regproxy.config import Config
@@ -16,3 +18,7 @@ PROXY_STORE = web.AppKey("proxy_store", Store)
 UPLOADS = web.AppKey("uploads", Uploads)
 OFFLOAD = web.AppKey("offload", Offload)
 PROXY = web.AppKey("proxy_cache", ProxyCache)
+
+#: per request: the signed-in user (None: anonymous), and "may this caller do ACTION on NAME?"
+USER = web.RequestKey("user", str)
+MAY = web.RequestKey("may", Callable)

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from regproxy.errors import PaginationInvalid
 from regproxy.proxy.cache import CACHE_STATUS, STALE
-from regproxy.server.keys import OFFLOAD, PROXY, REGISTRY
+from regproxy.server.keys import MAY, OFFLOAD, PROXY, REGISTRY
 from regproxy.server.names import read_target
 
 #: The largest page a client may ask for, and the catalog's page without `n`.
@@ -17,18 +17,20 @@ MAX_PAGE = 10_000
 DEFAULT_CATALOG_PAGE = 1_000
 
 
+def parse_page_size(raw_n: str) -> int:
+    """`n`: a non-negative integer, capped at `MAX_PAGE`; anything else is 400."""
+    # isascii: "²".isdigit() is true but int("²") raises; long: int() caps at 4300 digits
+    if not (raw_n.isascii() and raw_n.isdigit()):
+        raise PaginationInvalid(f"n must be a non-negative integer, got {raw_n[:50]!r}")
+    return MAX_PAGE if len(raw_n) > 9 else min(int(raw_n), MAX_PAGE)
+
+
 def paginate(
     request: web.Request, items: list[str], default_page: int | None
 ) -> tuple[list[str], str | None]:
     """Slice a sorted list by `last` and `n`; return the page and the `Link` for the next one."""
     raw_n = request.query.get("n")
-    if raw_n is None or raw_n == "":
-        page_size = default_page
-    else:
-        # isascii: "²".isdigit() is true but int("²") raises; long: int() caps at 4300 digits
-        if not (raw_n.isascii() and raw_n.isdigit()):
-            raise PaginationInvalid(f"n must be a non-negative integer, got {raw_n[:50]!r}")
-        page_size = MAX_PAGE if len(raw_n) > 9 else min(int(raw_n), MAX_PAGE)
+    page_size = default_page if raw_n is None or raw_n == "" else parse_page_size(raw_n)
     last = request.query.get("last")
     start = bisect.bisect_right(items, last) if last else 0
     end = len(items) if page_size is None else start + page_size
@@ -53,7 +55,9 @@ async def list_tags(request: web.Request) -> web.Response:
         tags = await request.app[OFFLOAD].run(request.app[REGISTRY].tags, target)
         page, link = paginate(request, tags, None)
         return _json({"name": target, "tags": page}, link)
-    params = {k: v for k, v in request.query.items() if k in ("n", "last")}
+    params = {k: v for k, v in request.query.items() if k in ("n", "last") and v}
+    if "n" in params:  # checked and capped here: the upstream sees a sane page size only
+        params["n"] = str(parse_page_size(params["n"]))
     tags, next_query, status = await request.app[PROXY].tags(target, params)
     if status == STALE:  # the cached tags, paginated here
         page, link = paginate(request, sorted(tags), None)
@@ -67,7 +71,7 @@ async def list_tags(request: web.Request) -> web.Response:
 async def catalog(request: web.Request) -> web.Response:
     store = request.app[REGISTRY]
     names = await request.app[OFFLOAD].run(store.repositories)
-    may = request.get("may")
+    may = request.get(MAY)
     if may is not None:  # with auth: only what the caller may pull
         names = [name for name in names if may("pull", name)]
     page, link = paginate(request, names, DEFAULT_CATALOG_PAGE)

@@ -18,7 +18,7 @@ from regproxy.errors import (
 )
 from regproxy.reference import validate_name
 from regproxy.server.bodies import chunks, parse_content_range
-from regproxy.server.keys import CONFIG, OFFLOAD, REGISTRY, UPLOADS
+from regproxy.server.keys import CONFIG, MAY, OFFLOAD, REGISTRY, UPLOADS, USER
 from regproxy.server.names import local_name_for_write
 from regproxy.storage.uploads import UploadSession
 
@@ -101,7 +101,7 @@ async def _receive_chunk(request: web.Request, session: UploadSession) -> None:
 
 def _owner(request: web.Request) -> str | None:
     """Who an upload session belongs to: the user; without auth, nobody in particular."""
-    return request.get("user")
+    return request.get(USER)
 
 
 async def start_upload(request: web.Request) -> web.Response:
@@ -116,7 +116,7 @@ async def start_upload(request: web.Request) -> web.Response:
             validate_name(source)
         except NameInvalid:
             source = None
-        may = request.get("may")
+        may = request.get(MAY)
         if source and may is not None and not may("pull", source):
             source = None  # never mount from a repository the caller cannot read
         if source and await offload.run(store.mount_blob, name, digest, source):
