@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import click
 from rich.console import Console
@@ -40,6 +42,7 @@ from regproxy.cli.render import (
 )
 from regproxy.storage import gc as gc_mod
 
+T = TypeVar("T")
 JSON_KEYS = ("dry_run", "bytes_freed", "seconds", "stores", "eviction")
 STORE_KEYS = (
     "store",
@@ -56,21 +59,12 @@ STORE_KEYS = (
 )
 
 
-def _duration(option: str, text: str | None) -> float | None:
+def _option_value(option: str, text: str | None, parse: Callable[[str], T]) -> T | None:
+    """Parse an option with the config's parser; a bad value is one line and exit 2."""
     if text is None:
         return None
     try:
-        return config_mod.parse_duration(text)
-    except ValueError as exc:
-        fail(f"{option}: {exc}")
-        raise  # unreachable
-
-
-def _size(option: str, text: str | None) -> int | None:
-    if text is None:
-        return None
-    try:
-        return config_mod.parse_size(text)
+        return parse(text)
     except ValueError as exc:
         fail(f"{option}: {exc}")
         raise  # unreachable
@@ -117,9 +111,9 @@ def gc(
     options apply to cached content alone.
     """
     config = load_config(config_path)
-    grace_s = _duration("--grace", grace) or 0.0
-    max_age = _duration("--proxy-max-age", proxy_max_age)
-    budget = _size("--proxy-max-size", proxy_max_size)
+    grace_s = _option_value("--grace", grace, config_mod.parse_duration) or 0.0
+    max_age = _option_value("--proxy-max-age", proxy_max_age, config_mod.parse_duration)
+    budget = _option_value("--proxy-max-size", proxy_max_size, config_mod.parse_size)
     if budget is None:
         budget = config.proxy_max_size
     started = time.time()
