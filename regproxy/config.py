@@ -357,23 +357,41 @@ def _env_value(text: str) -> Any:
     return value
 
 
-def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
-    """Apply `REGPROXY_A__B__C=value` to raw[a][b][c], matching existing keys by normalised name."""
+def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
+    """Apply `REGPROXY_A__B__C=value` to raw[a][b][c], matching existing keys by normalised name.
+
+    Returns {dotted key: variable name} of what the environment set.
+    """
+    applied: dict[str, str] = {}
     for name, text in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or name == "REGPROXY_CONFIG":
             continue
         parts = name[len(ENV_PREFIX) :].split("__")
         node = raw
+        path: list[str] = []
         for i, part in enumerate(parts):
             match = next((k for k in node if _env_key(k) == part), None)
             key = match if match is not None else part.lower()
             if i == len(parts) - 1:
                 node[key] = _env_value(text)
+                applied[".".join([*path, key])] = name
             else:
                 child = node.setdefault(key, {})
                 if not isinstance(child, dict):
                     raise ConfigError(f"{name}: {key} is not a table")
                 node = child
+                path.append(key)
+    return applied
+
+
+def _blame_env(exc: ConfigError, from_env: dict[str, str]) -> ConfigError:
+    """Name the environment variable behind a bad value: `server.listen: … (from REGPROXY_…)`."""
+    message = str(exc)
+    key = message.partition(":")[0]
+    for dotted, variable in from_env.items():
+        if key == dotted or key.startswith((f"{dotted}.", f"{dotted}[")):
+            return ConfigError(f"{message} (from environment variable {variable})")
+    return exc
 
 
 def load(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
@@ -399,12 +417,30 @@ def from_mapping(
     source: Path | None = None,
 ) -> Config:
     """Validate an already-parsed TOML document (plus environment overrides)."""
-    _apply_env(raw, os.environ if environ is None else environ)
+    from_env = _apply_env(raw, os.environ if environ is None else environ)
+    try:
+        return _validated(raw, base, source)
+    except ConfigError as exc:
+        raise _blame_env(exc, from_env) from None
+
+
+def _validated(raw: dict[str, Any], base: Path, source: Path | None) -> Config:
     config = _build(Config, raw, base)
     try:
         split_listen(config.server.listen)
     except ValueError as exc:
         raise ConfigError(f"server.listen: {exc}") from None
+    if config.log.format not in LOG_FORMATS:
+        raise ConfigError(f'log.format: expected "text" or "json", got {config.log.format!r}')
+    if config.log.level.lower() not in LOG_LEVELS:
+        raise ConfigError(
+            f"log.level: expected one of {', '.join(LOG_LEVELS)}, got {config.log.level!r}"
+        )
+    if config.metrics.listen is not None:
+        try:
+            split_listen(config.metrics.listen)
+        except ValueError as exc:
+            raise ConfigError(f"metrics.listen: {exc}") from None
     prefix = config.proxy.prefix
     if not re.fullmatch(r"[a-z0-9]+", prefix):
         raise ConfigError(f"proxy.prefix: {prefix!r} must be lowercase letters and digits")

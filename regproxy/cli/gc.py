@@ -41,6 +41,7 @@ from regproxy.cli.render import (
     table,
 )
 from regproxy.storage import gc as gc_mod
+from regproxy.storage.runs import record_run
 
 T = TypeVar("T")
 JSON_KEYS = ("dry_run", "bytes_freed", "seconds", "stores", "eviction")
@@ -163,6 +164,8 @@ def gc(
             }
         )
         return
+    if not dry_run:
+        record_run(config.temporary_registry_storage, "gc", True, seconds, freed)
     _render(out, reports, eviction, dry_run, freed, seconds)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 import ssl
 from pathlib import Path
 
@@ -22,10 +21,10 @@ from regproxy.errors import ConfigError
 @click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
-    default="info",
-    show_default=True,
+    default=None,
+    help="Log level (overrides [log] level; default info).",
 )
-def serve(config_path: Path | None, listen: str | None, log_level: str) -> None:
+def serve(config_path: Path | None, listen: str | None, log_level: str | None) -> None:
     """Run the registry server."""
     config = load_config(config_path)
     if listen is not None:
@@ -37,10 +36,9 @@ def serve(config_path: Path | None, listen: str | None, log_level: str) -> None:
             config, server=dataclasses.replace(config.server, listen=listen)
         )
     create_dirs(config)
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from regproxy.server.logs import configure_logging
+
+    configure_logging(config.log, log_level)
     try:
         asyncio.run(_serve(config))
     except ConfigError as exc:

@@ -35,6 +35,7 @@ from regproxy.cli.render import (
     open_store,
 )
 from regproxy.storage import verify as verify_mod
+from regproxy.storage.runs import record_run
 
 JSON_KEYS = (
     "ok",
@@ -106,6 +107,7 @@ def verify(config_path: Path | None, repair: bool, jobs: int | None, as_json: bo
                 workers=jobs,
                 progress=_Bar(progress),
             )
+    record_run(config.temporary_registry_storage, "verify", report.ok, report.seconds)
     if as_json:
         emit_json(report.to_json())
     else:

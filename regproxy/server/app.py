@@ -12,7 +12,18 @@ from aiohttp import web
 
 from regproxy.config import Config
 from regproxy.proxy.cache import ProxyCache
-from regproxy.server import auth, base, blobs, listings, manifests, referrers, uploads
+from regproxy.server import (
+    auth,
+    base,
+    blobs,
+    health,
+    listings,
+    logs,
+    manifests,
+    metrics,
+    referrers,
+    uploads,
+)
 from regproxy.server.keys import CONFIG, OFFLOAD, PROXY, PROXY_STORE, REGISTRY, UPLOADS
 from regproxy.server.middleware import add_api_version, errors_middleware
 from regproxy.storage import gc
@@ -93,6 +104,7 @@ async def _evict_proxy_forever(app: web.Application) -> None:
         cache.grew.clear()
         try:
             report = await app[OFFLOAD].run(gc.evict_lru, cache.store, budget)
+            app[metrics.METRICS].evicted(report.blobs_removed, report.bytes_freed)
             if report.blobs_removed:
                 log.info(
                     "proxy cache over budget: evicted %d blob(s), %d bytes",
@@ -132,7 +144,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 def create_app(config: Config) -> web.Application:
     authenticator = auth.Authenticator(config) if config.auth.enabled else None
     app = web.Application(
-        middlewares=[errors_middleware, auth.auth_middleware],
+        middlewares=[logs.access_middleware, errors_middleware, auth.auth_middleware],
         handler_args={"max_field_size": 16384},
     )
     if authenticator is not None:
@@ -142,4 +154,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_resources)
     app.on_response_prepare.append(add_api_version)
     _routes(app, authenticator)
+    metrics.setup(app)  # after _resources: instruments the upstream clients it made
+    health.setup(app)
+    logs.setup(app)
     return app

@@ -19,6 +19,7 @@ from aiohttp.web_server import Server
 
 from regproxy.config import Config
 from regproxy.errors import ConfigError
+from regproxy.server import metrics
 from regproxy.server.app import create_app
 
 log = logging.getLogger("regproxy")
@@ -92,7 +93,7 @@ async def serve(config: Config, version: str) -> None:
         app,
         handle_signals=False,
         shutdown_timeout=config.server.shutdown_timeout,
-        access_log=logging.getLogger("regproxy.access"),
+        access_log=None,  # server.logs.access_middleware writes the access lines
         keepalive_timeout=KEEPALIVE_TIMEOUT,
     )
     context = tls_context(config)
@@ -103,6 +104,7 @@ async def serve(config: Config, version: str) -> None:
         loop.add_signal_handler(sig, stop.set)
     if context is not None:
         loop.add_signal_handler(signal.SIGHUP, reload_tls, context, config)
+    ops_runner: web.AppRunner | None = None
     try:
         site = web.TCPSite(
             runner, config.server.host, config.server.port, ssl_context=context, backlog=1024
@@ -113,8 +115,11 @@ async def serve(config: Config, version: str) -> None:
             host, port = address[0], address[1]
             shown = f"[{host}]" if ":" in host else host
             log.info("regproxy %s listening on %s://%s:%d", version, scheme, shown, port)
+        ops_runner = await metrics.start_listener(app)
         await stop.wait()
         log.info("shutting down: finishing in-flight requests")
     finally:
+        if ops_runner is not None:
+            await ops_runner.cleanup()
         await runner.cleanup()
     log.info("stopped")
