@@ -1,0 +1,176 @@
+"""The servers a benchmark runs: quiet builds of the test harness's managed processes.
+
+Both log nothing per request (info-level logging off), keep filesystem storage in a temp
+folder and listen on a loopback port. Peak RSS and CPU time come from ``/proc``; the peak
+(``VmHWM``) can be reset between measurements by writing ``5`` to ``clear_refs``, so each
+measurement gets its own peak.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from tests.support.processes import (
+    REPO_ROOT,
+    ManagedProcess,
+    ProcessError,
+    ReferenceRegistry,
+    RegproxyProcess,
+    free_port,
+    http_status,
+)
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+#: The reference runs as Debian ships it (/etc/docker/registry/config.yml): filesystem
+#: storage with the in-memory blob descriptor cache, deletes enabled; no auth, no health
+#: check, and with info logging and the access log off, as regproxy's --log-level warning.
+REFERENCE_LOG = {"level": "error", "formatter": "text", "accesslog": {"disabled": True}}
+
+
+class Reference(ReferenceRegistry):
+    """Debian's ``docker-registry`` with Debian's storage settings and logging off."""
+
+    label = "reference"
+
+    def __init__(self, workdir: Path, *, proxy_remote_url: str | None = None) -> None:
+        super().__init__(workdir, proxy_remote_url=proxy_remote_url)
+        self.extra_config = {
+            "log": REFERENCE_LOG,
+            "storage": {
+                "filesystem": {"rootdirectory": str(self.storage_dir)},
+                "cache": {"blobdescriptor": "inmemory"},
+                "delete": {"enabled": True},
+                "maintenance": {"uploadpurging": {"enabled": False}},
+            },
+        }
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None and self.process.pid is not None
+        return self.process.pid
+
+
+class Regproxy(RegproxyProcess):
+    """``regproxy serve --log-level warning``; ready once ``GET /v2/`` answers 200.
+
+    With warning-level logging the "listening on" line the test harness waits for is
+    never written, so readiness is polled on a port chosen beforehand.
+    """
+
+    label = "regproxy"
+
+    def __init__(
+        self, workdir: Path, *, extra_config: str = "", env: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(workdir, extra_config=extra_config, env=env)
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None and self.process.pid is not None
+        return self.process.pid
+
+    def start(self, port: int = 0, *, timeout: float = 30.0) -> None:
+        for d in (self.storage_dir, self.temporary_storage_dir, self.proxy_storage_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._write_config()
+        pythonpath = os.pathsep.join(
+            p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
+        )
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("REGPROXY_")}
+        env = {**inherited, "PYTHONPATH": pythonpath, **self.extra_env}
+        for attempt in range(3):
+            self.port = port or free_port()
+            argv = [
+                self.python, "-m", "regproxy", "serve", "-c", self.config_path,
+                "--listen", f"127.0.0.1:{self.port}", "--log-level", "warning",
+            ]  # fmt: skip
+            self.process = ManagedProcess(
+                argv, name=self.name, log_path=self.log_path, env=env, cwd=REPO_ROOT
+            ).start()
+            try:
+                self.process.wait_for(
+                    lambda: http_status(f"{self.url}/v2/") == 200,
+                    timeout=timeout,
+                    what=f"GET {self.url}/v2/ == 200",
+                )
+                return
+            except ProcessError:
+                self.process.stop()
+                in_use = "address already in use" in self.process.log_text(current_run_only=True)
+                if not in_use or port or attempt == 2:
+                    raise
+
+
+Server = Reference | Regproxy
+
+
+@contextlib.contextmanager
+def running(server: Server) -> Iterator[Server]:
+    """Start ``server``; stop it and delete its storage afterwards."""
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(server.workdir, ignore_errors=True)
+
+
+# ---- /proc ---------------------------------------------------------------------------
+
+
+def peak_rss(pid: int) -> int | None:
+    """Peak resident set size (``VmHWM``) of a process in bytes; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Restart ``VmHWM`` at the current RSS (Linux >= 4.0); False when not permitted."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (all its threads) so far."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()
+    # after the command: state is field 3, utime 14 and stime 15 (1-based, see proc(5))
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+def tool_version(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except OSError:
+        return "not installed"
+    text = (out.stdout or out.stderr).strip().splitlines()
+    return text[0] if text else "?"
+
+
+def missing_tools() -> list[str]:
+    return [t for t in ("docker-registry", "wrk", "skopeo") if shutil.which(t) is None]
+
+
+def python_version() -> str:
+    return sys.version.split()[0]

@@ -1,0 +1,86 @@
+"""The benchmark still runs: ``tests/benchmarks/bench.py --quick`` once, end to end.
+
+Tiny sizes, one repetition, 1 s load runs: this keeps the benchmark working in CI. It
+judges nothing about speed (no timed assertion): only that every section ran (or was
+skipped with a reason), that the JSON result is valid and complete, and that no server
+was left running.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.tools import require_tool
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = {"push", "pull", "small", "image", "proxy", "verify", "gc"}
+
+
+def _children_of(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid:
+            found.append(int(entry))
+    return found
+
+
+@pytest.mark.timeout(120)
+def test_quick_benchmark_runs_and_writes_valid_json(tmp_path: Path) -> None:
+    for tool in ("docker-registry", "wrk", "skopeo"):
+        require_tool(tool)
+    out = tmp_path / "quick.json"
+    before = set(_children_of(os.getpid()))
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.benchmarks.bench", "--quick", "--out", str(out),
+         "--workdir", str(tmp_path / "work")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert set(_children_of(os.getpid())) <= before, "the benchmark left a process running"
+
+    result = json.loads(out.read_text())  # strict JSON: NaN or Infinity would not parse
+    assert result["mode"] == "quick"
+    assert set(result["sections"]) == SECTIONS
+    for name, section in result["sections"].items():
+        assert section["status"] in ("ok", "skipped"), (name, section)
+        if section["status"] == "skipped":
+            assert section["reason"], name
+    assert result["machine"]["cores"] >= 1
+    assert result["header"]
+
+    ran = {n for n, s in result["sections"].items() if s["status"] == "ok"}
+    rows = result["rows"]
+    assert {row["section"] for row in rows} >= ran
+    for row in rows:
+        for label, values in row["runs"].items():
+            assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in values), row
+            if values:
+                assert row["median"][label] is not None, row
+        if row["target"] is not None and row["median"].get("regproxy") is not None:
+            assert row["met"] in (True, False), row
+    # every server-side measurement was taken against both servers
+    compared = [r for r in rows if r["section"] in ("push", "pull", "small", "image", "proxy")]
+    assert compared
+    for row in compared:
+        assert row["runs"]["regproxy"] and row["runs"]["reference"], row
+    # the table for the README was written next to the JSON
+    table = out.with_suffix(".md").read_text()
+    assert "| section |" in table and "regproxy" in table
