@@ -8,7 +8,7 @@ from regproxy.digest import Digest
 from regproxy.server import proxied
 from regproxy.server.keys import OFFLOAD, REGISTRY
 from regproxy.server.names import local_name_for_write, read_target
-from regproxy.server.responses import blob_file_response
+from regproxy.server.responses import blob_file_response, blob_head_response
 
 
 async def get_blob(request: web.Request) -> web.StreamResponse:
@@ -18,7 +18,9 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         return await proxied.get_blob(request, target, digest)
     name = target
     store = request.app[REGISTRY]
-    store.blob_size(name, digest)  # inline: two stat calls; BlobUnknown when not visible
+    size = store.blob_size(name, digest)  # inline: two stat calls; BlobUnknown when not visible
+    if request.method == "HEAD":
+        return blob_head_response(digest, size)
     return blob_file_response(store, digest)
 
 

@@ -52,7 +52,10 @@ def _json(body: dict, link: str | None) -> web.Response:
 async def list_tags(request: web.Request) -> web.Response:
     target = read_target(request)
     if isinstance(target, str):
-        tags = await request.app[OFFLOAD].run(request.app[REGISTRY].tags, target)
+        store = request.app[REGISTRY]
+        tags = store.cached_tags(target)  # inline: one stat
+        if tags is None:
+            tags = await request.app[OFFLOAD].run(store.tags, target)
         page, link = paginate(request, tags, None)
         return _json({"name": target, "tags": page}, link)
     params = {k: v for k, v in request.query.items() if k in ("n", "last") and v}

@@ -10,16 +10,27 @@ from regproxy.storage.store import Store, StoredManifest
 BLOB_CONTENT_TYPE = "application/octet-stream"
 
 
-def blob_file_response(store: Store, digest: Digest) -> web.StreamResponse:
-    """A sendfile response with every header set explicitly (no guessing from the path)."""
-    headers = {
+def _blob_headers(digest: Digest) -> dict[str, str]:
+    return {
         "Docker-Content-Digest": str(digest),
         "Content-Type": BLOB_CONTENT_TYPE,
         "ETag": f'"{digest}"',
         "Cache-Control": "max-age=31536000",
         "Accept-Ranges": "bytes",
     }
+
+
+def blob_file_response(store: Store, digest: Digest) -> web.StreamResponse:
+    """A sendfile response with every header set explicitly (no guessing from the path)."""
+    headers = _blob_headers(digest)
     return web.FileResponse(store.blob_path(digest), chunk_size=256 * 1024, headers=headers)
+
+
+def blob_head_response(digest: Digest, size: int) -> web.Response:
+    """HEAD of a blob whose size is known: no file is opened (clients HEAD every layer)."""
+    headers = _blob_headers(digest)
+    headers["Content-Length"] = str(size)
+    return web.Response(headers=headers)
 
 
 def manifest_response(stored: StoredManifest, head: bool) -> web.Response:

@@ -59,22 +59,28 @@ def _digest_param(request: web.Request) -> Digest:
 
 
 async def _receive(request: web.Request, session: UploadSession) -> int:
-    """Stream the body into the session, overlapping the network read with write+hash."""
+    """Stream the body into the session: while the loop reads chunk k+1 from the network,
+    chunk k is written on one worker thread and hashed on another."""
     offload = request.app[OFFLOAD]
     uploads = request.app[UPLOADS]
     received = 0
-    pending: asyncio.Future[int] | None = None
+    writing: asyncio.Future[int] | None = None
+    hashing: asyncio.Future[None] | None = None
     try:
         async for pieces in chunks(request):
-            if pending is not None:
-                await pending
+            if writing is not None:
+                await writing
+            if hashing is not None:
+                await hashing
             received += sum(len(p) for p in pieces)
-            pending = asyncio.ensure_future(offload.run(uploads.append, session, pieces))
+            writing = asyncio.ensure_future(offload.run(uploads.write, session, pieces))
+            hashing = asyncio.ensure_future(offload.run(uploads.hash, session, pieces))
     finally:
-        if pending is not None:
-            # the write already started in a thread: always let it finish, so the
-            # session's offset and hash stay consistent with its file
-            await asyncio.shield(pending)
+        # work already handed to threads always finishes, so the session's offset and
+        # hash stay consistent with its file whatever happened to the request
+        for pending in (writing, hashing):
+            if pending is not None:
+                await asyncio.shield(pending)
     return received
 
 

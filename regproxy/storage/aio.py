@@ -20,7 +20,19 @@ T = TypeVar("T")
 
 #: Store methods the server may call on the event loop (small metadata only).
 INLINE_SAFE = frozenset(
-    {"get_manifest", "resolve", "blob_size", "is_linked", "tag_digest", "has_manifest", "tags"}
+    {
+        "get_manifest",
+        "resolve",
+        "blob_size",
+        "is_linked",
+        "tag_digest",
+        "has_manifest",
+        "media_type",
+        "cached_tags",
+        "has_blob",
+        "tag_age",
+        "repository_exists",
+    }
 )
 
 

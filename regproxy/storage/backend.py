@@ -27,6 +27,10 @@ class Backend(Protocol):
     def size(self, path: Path) -> int | None:
         """File size, or None when it does not exist."""
 
+    def version(self, path: Path) -> tuple[int, int, int] | None:
+        """(inode, mtime in ns, size): changes whenever the file is replaced or a folder's
+        entries change; None when it does not exist."""
+
     def mtime(self, path: Path) -> float | None:
         """Modification time, or None when it does not exist."""
 

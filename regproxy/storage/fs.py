@@ -12,6 +12,9 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+#: a first read this large covers every tag and revision file and most manifests
+SMALL_READ = 64 * 1024
+
 
 def fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
@@ -54,11 +57,22 @@ class FsBackend:
         self.tmp_dir = tmp_dir
 
     def read(self, path: Path) -> bytes | None:
+        # raw os.open/os.read: a third of the syscalls of a buffered open() for the tag and
+        # revision files read on every manifest GET
         try:
-            with open(path, "rb") as f:
-                return f.read()
+            fd = os.open(path, os.O_RDONLY)
         except (FileNotFoundError, NotADirectoryError):
             return None
+        try:
+            data = os.read(fd, SMALL_READ)
+            if len(data) < SMALL_READ:
+                return data
+            parts = [data]
+            while chunk := os.read(fd, 1024 * 1024):
+                parts.append(chunk)
+            return b"".join(parts)
+        finally:
+            os.close(fd)
 
     def write_atomic(self, path: Path, data: bytes) -> None:
         folder = path.parent
@@ -100,6 +114,13 @@ class FsBackend:
             return os.stat(path).st_size
         except (FileNotFoundError, NotADirectoryError):
             return None
+
+    def version(self, path: Path) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
 
     def mtime(self, path: Path) -> float | None:
         try:

@@ -20,6 +20,7 @@ so metadata folders and temp files (`.tmp-*`) cannot collide with them.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from regproxy.digest import Digest
@@ -31,6 +32,9 @@ LAYERS = "_layers"
 REFERRERS = "_referrers"
 PULLED = "_pulled"
 REPO_MARKERS = (MANIFESTS, LAYERS, TAGS)
+#: paths remembered per method: building a pathlib path costs microseconds, and the same
+#: few tags, revisions and blobs are asked for on every request
+MEMO_SIZE = 16384
 
 
 class Layout:
@@ -43,32 +47,42 @@ class Layout:
         self.tmp = self.root / "tmp"
         self.lock = self.root / "lock"
 
+    @functools.lru_cache(maxsize=MEMO_SIZE)  # noqa: B019 - layouts live as long as the process
     def blob(self, digest: Digest) -> Path:
         return self.blobs / digest.algorithm / digest.hex[:2] / digest.hex
 
+    @functools.lru_cache(maxsize=MEMO_SIZE)  # noqa: B019 - layouts live as long as the process
     def repo(self, name: str) -> Path:
         return self.repositories / validate_name(name)
 
+    @functools.lru_cache(maxsize=MEMO_SIZE)  # noqa: B019 - layouts live as long as the process
     def tags_dir(self, name: str) -> Path:
         return self.repo(name) / TAGS
 
+    @functools.lru_cache(maxsize=MEMO_SIZE)  # noqa: B019 - layouts live as long as the process
     def tag(self, name: str, tag: str) -> Path:
         return self.tags_dir(name) / validate_tag(tag)
 
+    @functools.lru_cache(maxsize=MEMO_SIZE)  # noqa: B019 - layouts live as long as the process
     def revisions_dir(self, name: str) -> Path:
         return self.repo(name) / MANIFESTS
 
+    @functools.lru_cache(maxsize=MEMO_SIZE)  # noqa: B019 - layouts live as long as the process
     def revision(self, name: str, digest: Digest) -> Path:
         return self.revisions_dir(name) / digest.algorithm / digest.hex
 
+    @functools.lru_cache(maxsize=MEMO_SIZE)  # noqa: B019 - layouts live as long as the process
     def layer(self, name: str, digest: Digest) -> Path:
         return self.repo(name) / LAYERS / digest.algorithm / digest.hex
 
+    @functools.lru_cache(maxsize=MEMO_SIZE)  # noqa: B019 - layouts live as long as the process
     def referrers_dir(self, name: str, subject: Digest) -> Path:
         return self.repo(name) / REFERRERS / subject.algorithm / subject.hex
 
+    @functools.lru_cache(maxsize=MEMO_SIZE)  # noqa: B019 - layouts live as long as the process
     def referrer(self, name: str, subject: Digest, referrer: Digest) -> Path:
         return self.referrers_dir(name, subject) / f"{referrer.algorithm}-{referrer.hex}"
 
+    @functools.lru_cache(maxsize=MEMO_SIZE)  # noqa: B019 - layouts live as long as the process
     def pulled(self, name: str) -> Path:
         return self.repo(name) / PULLED

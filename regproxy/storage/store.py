@@ -32,6 +32,9 @@ from regproxy.storage.backend import Backend
 from regproxy.storage.fs import FsBackend, prune_empty_dirs
 from regproxy.storage.layout import REPO_MARKERS, Layout
 
+#: entries of each small metadata cache before it starts over
+MAX_REMEMBERED = 100_000
+
 
 class ManifestCache:
     """Manifest bytes by digest. Content is immutable, so entries never go stale."""
@@ -76,6 +79,9 @@ class Store:
         self.layout = Layout(root)
         self.backend: Backend = backend or FsBackend(self.layout.tmp)
         self.manifests = ManifestCache()
+        # small metadata remembered with the file version it was read at (see `version`)
+        self._media_types: dict[tuple[str, Digest], tuple[tuple[int, int, int], str]] = {}
+        self._tag_lists: dict[str, tuple[tuple[int, int, int], tuple[str, ...]]] = {}
         for folder in (self.layout.blobs, self.layout.repositories, self.layout.tmp):
             folder.mkdir(parents=True, exist_ok=True)
 
@@ -250,8 +256,27 @@ class Store:
         return digest
 
     def media_type(self, name: str, digest: Digest) -> str | None:
-        raw = self.backend.read(self.layout.revision(name, digest))
-        return raw.decode(errors="replace").strip() if raw else None
+        """The media type of a revision of `name`; None when it is not in the repository.
+
+        Remembered per revision and checked with one stat: a rewrite replaces the file
+        (a new inode), a delete removes it.
+        """
+        path = self.layout.revision(name, digest)
+        version = self.backend.version(path)
+        if version is None:
+            return None
+        key = (name, digest)
+        hit = self._media_types.get(key)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        raw = self.backend.read(path)
+        if not raw:
+            return None
+        media_type = raw.decode(errors="replace").strip()
+        if len(self._media_types) > MAX_REMEMBERED:
+            self._media_types.clear()
+        self._media_types[key] = (version, media_type)
+        return media_type
 
     def get_manifest(self, name: str, reference: str) -> StoredManifest:
         """The manifest `reference` (tag or digest) of `name`: digest, media type, bytes."""
@@ -306,11 +331,30 @@ class Store:
         repo = self.layout.repo(name)
         return any(self.backend.exists(repo / marker) for marker in REPO_MARKERS)
 
+    def cached_tags(self, name: str) -> list[str] | None:
+        """The remembered tag list of `name` if its folder has not changed (one stat), else None.
+
+        Only a folder last changed over a second ago counts as unchanged: a change within
+        the same clock tick as the listing would not move its mtime.
+        """
+        version = self.backend.version(self.layout.tags_dir(name))
+        hit = self._tag_lists.get(name)
+        if version is None or hit is None or hit[0] != version:
+            return None
+        return list(hit[1])
+
     def tags(self, name: str, missing_ok: bool = False) -> list[str]:
         """Sorted tags of `name`; `NameUnknown` when the repository does not exist."""
-        if not missing_ok and not self.repository_exists(name):
+        folder = self.layout.tags_dir(name)
+        version = self.backend.version(folder)
+        if version is None and not missing_ok and not self.repository_exists(name):
             raise NameUnknown(detail={"name": name})
-        return sorted(self.backend.names(self.layout.tags_dir(name)))
+        tags = sorted(self.backend.names(folder))
+        if version is not None and time.time_ns() - version[1] > 1_000_000_000:
+            if len(self._tag_lists) > MAX_REMEMBERED:
+                self._tag_lists.clear()
+            self._tag_lists[name] = (version, tuple(tags))
+        return tags
 
     def repositories(self) -> list[str]:
         """Every repository name in the store, sorted."""
