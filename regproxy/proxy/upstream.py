@@ -13,7 +13,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import aiohttp
@@ -44,6 +44,14 @@ class UpstreamError(Exception):
     @property
     def denied(self) -> bool:
         return self.status in (401, 403)
+
+
+class UpstreamObserver(Protocol):
+    """Told the outcome of every upstream request: latency, status or error (metrics)."""
+
+    def observe(
+        self, upstream: str, seconds: float, status: int | None, error: UpstreamError | None
+    ) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +93,7 @@ class Upstream:
         self._token_locks: dict[str, asyncio.Lock] = {}
         self._basic = False  # the upstream asked for Basic auth
         self.requests = 0  # requests sent (for metrics and tests)
+        self.observer: UpstreamObserver | None = None
 
     # ---- authentication ----------------------------------------------------------------
 
@@ -167,8 +176,29 @@ class Upstream:
         `SMALL_TIMEOUT`; blob bodies may stream for as long as data keeps coming.
 
         The caller must release the response. Raises `UpstreamError` on transport
-        errors; HTTP error statuses are returned for the caller to judge.
+        errors; HTTP error statuses are returned for the caller to judge. Each outcome
+        is reported to `observer` (metrics), when one is set.
         """
+        started = time.perf_counter()
+        try:
+            resp = await self._request(method, path, scope, headers, params, small)
+        except UpstreamError as exc:
+            if self.observer is not None:
+                self.observer.observe(self.name, time.perf_counter() - started, None, exc)
+            raise
+        if self.observer is not None:
+            self.observer.observe(self.name, time.perf_counter() - started, resp.status, None)
+        return resp
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        scope: str,
+        headers: dict[str, str] | None,
+        params: dict[str, str] | None,
+        small: bool,
+    ) -> aiohttp.ClientResponse:
         url = self.base + path
         for attempt in range(2):
             sent = self._auth_header(scope)

@@ -8,8 +8,8 @@ time from state that exists anyway: `ProxyStats` counters, `Upstream.requests`,
 an `os.scandir` of the upload sessions, and per-store totals from a walk that
 runs at most once per `metrics.store_scan_interval` (in the thread pool).
 
-Upstream latency and errors come from a thin wrapper around each upstream's
-`request` method, installed at start-up (`_instrument_upstreams`).
+Upstream latency and errors come from each upstream's `observer` hook, set at
+start-up (`_instrument_upstreams`).
 
 `gc` and `verify` run as separate processes (cron, systemd timer); each run can
 leave a small status file (`record_run`) in `temporary_registry_storage/status/`,
@@ -192,31 +192,23 @@ class UpstreamMetrics:
         self.state: dict[str, UpstreamState] = {}
 
     def instrument(self, upstream: Upstream) -> None:
-        """Wrap `upstream.request` (every manifest, blob, tag and HEAD request goes through it)."""
-        name = upstream.name
-        request = upstream.request
-        latency = self.latency.labels(name)
-        errors = self.errors
-        state = self.state.setdefault(name, UpstreamState())
+        """Be told of every request `upstream` sends (manifests, blobs, tags, HEADs)."""
+        self.state.setdefault(upstream.name, UpstreamState())
+        upstream.observer = self
 
-        async def observed(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
-            try:
-                resp = await request(*args, **kwargs)
-            except UpstreamError as exc:
-                latency.observe(time.perf_counter() - started)
-                errors.labels(name, "auth" if exc.denied else "connect").inc()
-                state.last_error, state.last_error_at = str(exc), time.time()
-                raise
-            latency.observe(time.perf_counter() - started)
-            if resp.status == 429 or resp.status >= 500:
-                errors.labels(name, f"http_{'429' if resp.status == 429 else '5xx'}").inc()
-                state.last_error, state.last_error_at = f"HTTP {resp.status}", time.time()
-            else:
-                state.last_ok = time.time()
-            return resp
-
-        upstream.request = observed  # type: ignore[method-assign]
+    def observe(
+        self, upstream: str, seconds: float, status: int | None, error: UpstreamError | None
+    ) -> None:
+        self.latency.labels(upstream).observe(seconds)
+        state = self.state.setdefault(upstream, UpstreamState())
+        if error is not None:
+            self.errors.labels(upstream, "auth" if error.denied else "connect").inc()
+            state.last_error, state.last_error_at = str(error), time.time()
+        elif status is not None and (status == 429 or status >= 500):
+            self.errors.labels(upstream, "http_429" if status == 429 else "http_5xx").inc()
+            state.last_error, state.last_error_at = f"HTTP {status}", time.time()
+        else:
+            state.last_ok = time.time()
 
 
 # ---- stores and offline runs ------------------------------------------------------------
