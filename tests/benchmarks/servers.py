@@ -16,15 +16,9 @@ import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from tests.support.processes import (
-    REPO_ROOT,
-    ManagedProcess,
-    ProcessError,
-    ReferenceRegistry,
-    RegproxyProcess,
-    free_port,
-    http_status,
-)
+from tests.support.processes import REPO_ROOT, ReferenceRegistry, RegproxyProcess
+
+__all__ = ["REPO_ROOT", "Reference", "Regproxy", "Server"]
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -58,54 +52,20 @@ class Reference(ReferenceRegistry):
 
 
 class Regproxy(RegproxyProcess):
-    """``regproxy serve --log-level warning``; ready once ``GET /v2/`` answers 200.
-
-    With warning-level logging the "listening on" line the test harness waits for is
-    never written, so readiness is polled on a port chosen beforehand.
-    """
+    """regproxy with the per-request access log off (the reference's is off too)."""
 
     label = "regproxy"
 
     def __init__(
         self, workdir: Path, *, extra_config: str = "", env: Mapping[str, str] | None = None
     ) -> None:
-        super().__init__(workdir, extra_config=extra_config, env=env)
+        quiet = "\n[log]\naccess = false\n"
+        super().__init__(workdir, extra_config=extra_config + quiet, env=env)
 
     @property
     def pid(self) -> int:
         assert self.process is not None and self.process.pid is not None
         return self.process.pid
-
-    def start(self, port: int = 0, *, timeout: float = 30.0) -> None:
-        for d in (self.storage_dir, self.temporary_storage_dir, self.proxy_storage_dir):
-            d.mkdir(parents=True, exist_ok=True)
-        self._write_config()
-        pythonpath = os.pathsep.join(
-            p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
-        )
-        inherited = {k: v for k, v in os.environ.items() if not k.startswith("REGPROXY_")}
-        env = {**inherited, "PYTHONPATH": pythonpath, **self.extra_env}
-        for attempt in range(3):
-            self.port = port or free_port()
-            argv = [
-                self.python, "-m", "regproxy", "serve", "-c", self.config_path,
-                "--listen", f"127.0.0.1:{self.port}", "--log-level", "warning",
-            ]  # fmt: skip
-            self.process = ManagedProcess(
-                argv, name=self.name, log_path=self.log_path, env=env, cwd=REPO_ROOT
-            ).start()
-            try:
-                self.process.wait_for(
-                    lambda: http_status(f"{self.url}/v2/") == 200,
-                    timeout=timeout,
-                    what=f"GET {self.url}/v2/ == 200",
-                )
-                return
-            except ProcessError:
-                self.process.stop()
-                in_use = "address already in use" in self.process.log_text(current_run_only=True)
-                if not in_use or port or attempt == 2:
-                    raise
 
 
 Server = Reference | Regproxy

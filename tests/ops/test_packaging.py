@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import configparser
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from tests.support.tools import require_tool
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 UNITS = REPO_ROOT / "packaging" / "systemd"
@@ -52,9 +53,7 @@ def test_gc_runs_nightly() -> None:
 
 
 def test_systemd_analyze_verify(tmp_path: Path) -> None:
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze is not installed")
+    analyze = require_tool("systemd-analyze")  # skipped locally when missing, fails in CI
     # verify wants ExecStart= to exist: point the copies at a stand-in executable
     stand_in = tmp_path / "regproxy"
     stand_in.write_text("#!/bin/sh\n")
