@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from regproxy import config as config_mod
 from regproxy.config import Config
 from regproxy.server.app import create_app
+from tests.support.podman import Podman
+from tests.support.skopeo import Skopeo
 
 
 def make_config(tmp_path: Path, **extra: Any) -> Config:
@@ -44,3 +46,19 @@ async def client(config: Config) -> AsyncIterator[TestClient]:
         yield client
     finally:
         await client.close()
+
+
+@pytest.fixture
+def skopeo(tmp_path: Path) -> Skopeo:
+    """skopeo with its own state folder (auth files, policy) per test."""
+    return Skopeo(tmp_path / "skopeo")
+
+
+@pytest.fixture
+def podman(tmp_path: Path) -> Iterator[Podman]:
+    """Fresh podman storage per test, so every pull really downloads."""
+    instance = Podman(tmp_path / "podman")
+    try:
+        yield instance
+    finally:
+        instance.close()

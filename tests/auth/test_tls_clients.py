@@ -113,20 +113,6 @@ def oci_image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Image, Path]:
     return img, write_oci_layout(tmp_path_factory.mktemp("layout") / "image", img, "v1")
 
 
-@pytest.fixture
-def skopeo(tmp_path: Path) -> Skopeo:
-    return Skopeo(tmp_path / "skopeo")
-
-
-@pytest.fixture
-def podman(tmp_path: Path) -> Iterator[Podman]:
-    instance = Podman(tmp_path / "podman")
-    try:
-        yield instance
-    finally:
-        instance.close()
-
-
 def creds(user: str, password: str | None = None) -> str:
     return f"{user}:{PASSWORDS[user] if password is None else password}"
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Generator, Iterator
-from pathlib import Path
 
 import pytest
 
@@ -21,13 +20,11 @@ from tests.clients.proxy_fixtures import (  # noqa: F401 (fixtures of the test_p
     upstream_kind,
 )
 from tests.support.dockerd import DockerDaemon
-from tests.support.podman import Podman
 from tests.support.processes import (
     ReferenceRegistry,
     RegistryServer,
     RegproxyProcess,
 )
-from tests.support.skopeo import Skopeo
 
 TARGETS = ("regproxy", "reference")
 
@@ -69,21 +66,6 @@ def dockerd() -> Iterator[DockerDaemon]:
         yield daemon
     finally:
         daemon.stop()
-
-
-@pytest.fixture
-def skopeo(tmp_path: Path) -> Skopeo:
-    return Skopeo(tmp_path / "skopeo")
-
-
-@pytest.fixture
-def podman(tmp_path: Path) -> Iterator[Podman]:
-    """Fresh podman storage per test, so every pull really downloads."""
-    instance = Podman(tmp_path / "podman")
-    try:
-        yield instance
-    finally:
-        instance.close()
 
 
 @pytest.fixture
