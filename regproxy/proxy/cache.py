@@ -31,7 +31,7 @@ from regproxy.errors import (
     TooManyRequests,
     UpstreamUnavailable,
 )
-from regproxy.proxy.flights import BlobFlight, FlightFailed, SingleFlight
+from regproxy.proxy.flights import BlobFlight, FlightFailed, SingleFlight, hash_pieces
 from regproxy.proxy.upstream import Upstream, UpstreamError, client_timeout
 from regproxy.reference import ProxyName, upstream_storage_key
 from regproxy.storage.aio import Offload
@@ -379,26 +379,40 @@ class ProxyCache:
         pieces: list[bytes] = []
         size = 0
         pending: asyncio.Future[int] | None = None
+        hashing: asyncio.Future[None] | None = None
 
         async def flush() -> None:
-            nonlocal pending, pieces, size
+            # chunk k is written and hashed on two threads while chunk k+1 arrives
+            nonlocal pending, hashing, pieces, size
             if pending is not None:
                 flight.advance(await pending)
                 pending = None
+            if hashing is not None:
+                await hashing
+                hashing = None
             if pieces:
-                pending = asyncio.ensure_future(self.offload.run(flight.write_sync, pieces, hasher))
+                pending = asyncio.ensure_future(self.offload.run(flight.write_sync, pieces))
+                hashing = asyncio.ensure_future(self.offload.run(hash_pieces, hasher, pieces))
                 pieces, size = [], 0
 
-        async for data in resp.content.iter_any():
-            pieces.append(data)
-            size += len(data)
-            self.stats.count(self.stats.upstream_bytes, upstream, len(data))
-            if flight.total is not None and flight.written + size > flight.total + FETCH_CHUNK:
-                raise FlightFailed("upstream sent more bytes than announced")
-            if size >= FETCH_CHUNK or pending is None or pending.done():
-                await flush()
-        await flush()
-        await flush()
+        try:
+            async for data in resp.content.iter_any():
+                pieces.append(data)
+                size += len(data)
+                self.stats.count(self.stats.upstream_bytes, upstream, len(data))
+                if flight.total is not None and flight.written + size > flight.total + FETCH_CHUNK:
+                    raise FlightFailed("upstream sent more bytes than announced")
+                idle = (pending is None or pending.done()) and (hashing is None or hashing.done())
+                if size >= FETCH_CHUNK or idle:
+                    await flush()
+            await flush()
+            await flush()
+        finally:
+            # a failure must not close the spool under a write still running in a thread
+            for work in (pending, hashing):
+                if work is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(work)
         if hasher.hexdigest() != flight.digest.hex:
             raise FlightFailed("upstream blob does not match its digest")
 

@@ -16,11 +16,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from pathlib import Path
 from typing import TypeVar
 
-from regproxy.digest import Digest
+from regproxy.digest import Digest, Hasher
 from regproxy.storage.aio import Offload
 
 T = TypeVar("T")
 READ_CHUNK = 1024 * 1024
+
+
+def hash_pieces(hasher: Hasher, pieces: list[bytes]) -> None:
+    for piece in pieces:
+        hasher.update(piece)
 
 
 class SingleFlight:
@@ -77,8 +82,11 @@ class BlobFlight:
         self.state = self.STREAMING
         self._notify()
 
-    def write_sync(self, pieces: list[bytes], hasher: object) -> int:
-        """Append and hash (in a worker thread); returns the number of bytes written."""
+    def write_sync(self, pieces: list[bytes]) -> int:
+        """Append `pieces` to the spool (in a worker thread); returns the bytes written.
+
+        Hashing runs beside it on another thread (`hash_pieces`), in the same chunk order.
+        """
         n = 0
         for piece in pieces:
             view = memoryview(piece)
@@ -86,7 +94,6 @@ class BlobFlight:
                 done = os.pwrite(self._fd, view, self.written + n)
                 view = view[done:]
                 n += done
-            hasher.update(piece)  # type: ignore[attr-defined]
         return n
 
     def advance(self, n: int) -> None:
