@@ -14,7 +14,7 @@ import contextlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 from regproxy.digest import Digest, Hasher
 from regproxy.storage.aio import Offload
@@ -135,27 +135,47 @@ class BlobFlight:
             assert self.error is not None
             raise self.error
 
-    async def read(self, offload: Offload) -> AsyncIterator[bytes]:
-        """The whole blob from the spool, as it arrives; raises `FlightFailed` on failure."""
+    def attach(self) -> BinaryIO:
+        """Become a reader: a private handle on the spool that outlives the flight's own.
+
+        Call it right after finding the flight (before any await), so the flight cannot
+        finish and close its file in between; `detach` when done.
+        """
         self.readers += 1
-        try:
-            pos = 0
-            while True:
-                if self.state == self.FAILED:
-                    assert self.error is not None
-                    raise self.error
-                # never hand out the final byte before the digest is verified
-                limit = self.written if self.state == self.COMMITTED else self.written - 1
-                if pos < limit:
-                    data = await offload.run(os.pread, self._fd, min(READ_CHUNK, limit - pos), pos)
-                    if not data:
-                        raise FlightFailed("spool file shrank")
-                    pos += len(data)
-                    yield data
-                    continue
-                if self.state == self.COMMITTED:
-                    return
-                await self._event.wait()
-        finally:
-            self.readers -= 1
-            self._maybe_close()
+        return os.fdopen(os.dup(self._fd), "rb", buffering=0)
+
+    def detach(self, handle: BinaryIO) -> None:
+        handle.close()
+        self.readers -= 1
+        self._maybe_close()
+
+    async def spans(self) -> AsyncIterator[tuple[int, int]]:
+        """(start, end) ranges of the spool ready to send, in order, until the whole blob;
+        raises `FlightFailed` on failure. The final byte is never handed out before the
+        digest is verified, so a failed fetch never looks like a complete body."""
+        pos = 0
+        while True:
+            if self.state == self.FAILED:
+                assert self.error is not None
+                raise self.error
+            limit = self.written if self.state == self.COMMITTED else self.written - 1
+            if pos < limit:
+                yield pos, limit
+                pos = limit
+                continue
+            if self.state == self.COMMITTED:
+                return
+            await self._event.wait()
+
+    async def read(self, handle: BinaryIO, offload: Offload) -> AsyncIterator[bytes]:
+        """The whole blob as it arrives, in pieces of at most `READ_CHUNK` (for chunked
+        responses, whose framing sendfile cannot do)."""
+        fd = handle.fileno()
+        async for start, end in self.spans():
+            pos = start
+            while pos < end:
+                data = await offload.run(os.pread, fd, min(READ_CHUNK, end - pos), pos)
+                if not data:
+                    raise FlightFailed("spool file shrank")
+                pos += len(data)
+                yield data

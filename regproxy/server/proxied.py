@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+from typing import BinaryIO
 
 from aiohttp import web
 
 from regproxy.digest import Digest
 from regproxy.proxy.cache import CACHE_STATUS, HIT, MISS
-from regproxy.proxy.flights import FlightFailed
+from regproxy.proxy.flights import BlobFlight, FlightFailed
 from regproxy.reference import ProxyName
 from regproxy.server.keys import OFFLOAD, PROXY
 from regproxy.server.responses import BLOB_CONTENT_TYPE, blob_file_response, manifest_response
@@ -52,6 +54,18 @@ async def get_blob(request: web.Request, target: ProxyName, digest: Digest) -> w
         response.headers[CACHE_STATUS] = HIT
         return response
     what = f"blob {digest}"
+    handle = flight.attach()  # before any await: the flight keeps its spool for us
+    try:
+        return await _stream_flight(request, flight, handle, digest, what)
+    finally:
+        flight.detach(handle)
+
+
+async def _stream_flight(
+    request: web.Request, flight: BlobFlight, handle: BinaryIO, digest: Digest, what: str
+) -> web.StreamResponse:
+    """Send a blob while it is being fetched: sendfile from the spool as bytes arrive."""
+    cache = request.app[PROXY]
     try:
         await flight.wait_ready()
         if request.http_range.start is not None or request.http_range.stop is not None:
@@ -68,19 +82,28 @@ async def get_blob(request: web.Request, target: ProxyName, digest: Digest) -> w
             CACHE_STATUS: MISS,
         }
     )
-    if flight.total is not None:
-        response.content_length = flight.total
-    else:
+    if flight.total is None:
         response.enable_chunked_encoding()
+    else:
+        response.content_length = flight.total
     await response.prepare(request)
+    transport = request.transport
     try:
-        async with contextlib.aclosing(flight.read(request.app[OFFLOAD])) as chunks:
-            async for chunk in chunks:
-                await response.write(chunk)
+        if flight.total is None:
+            async with contextlib.aclosing(flight.read(handle, request.app[OFFLOAD])) as pieces:
+                async for piece in pieces:
+                    await response.write(piece)
+        else:
+            loop = asyncio.get_running_loop()
+            async with contextlib.aclosing(flight.spans()) as spans:
+                async for start, end in spans:
+                    if transport is None or transport.is_closing():
+                        raise ConnectionResetError("client went away")
+                    await loop.sendfile(transport, handle, start, end - start)
     except FlightFailed:
         # never let a failed fetch look like a complete body: cut the connection
-        if request.transport is not None:
-            request.transport.abort()
+        if transport is not None:
+            transport.abort()
         raise ConnectionResetError("upstream fetch failed") from None
     await response.write_eof()
     return response
