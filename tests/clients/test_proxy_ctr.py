@@ -23,46 +23,15 @@ import pytest
 
 from tests.clients.proxy_fixtures import HUB_NAME, UPSTREAM_NAME, PullThrough
 from tests.support.access_log import AccessLog
+from tests.support.ctr import Ctr
 from tests.support.dockerd import DockerDaemon
 from tests.support.images import ImageIndex, make_image, make_index
 from tests.support.processes import ProcessError, RegproxyProcess
 from tests.support.registry_http import get_manifest, request
-from tests.support.tools import run, run_bytes
+from tests.support.tools import run
 
 CONTAINERD_AGENT = "containerd/"
 _namespaces = itertools.count()
-
-
-class Ctr:
-    """``ctr`` in one containerd namespace."""
-
-    def __init__(self, daemon: DockerDaemon, namespace: str) -> None:
-        self.argv = daemon.ctr_argv(namespace)
-        self.namespace = namespace
-
-    def __call__(self, *args: str | Path, check: bool = True) -> str:
-        return run([*self.argv, *args], check=check).stdout
-
-    def pull(self, hosts_dir: Path, ref: str, *flags: str, check: bool = True) -> str:
-        return self("images", "pull", "--hosts-dir", hosts_dir, *flags, ref, check=check)
-
-    def image_digest(self, name: str) -> str:
-        for line in self("images", "list").splitlines()[1:]:
-            fields = line.split()
-            if fields and fields[0] == name:
-                return fields[2]
-        raise AssertionError(f"no image {name} in namespace {self.namespace}")
-
-    def content_digests(self) -> set[str]:
-        return set(self("content", "list", "--quiet").split())
-
-    def content(self, digest: str) -> bytes:
-        return run_bytes([*self.argv, "content", "get", digest]).stdout
-
-    def remove_all_images(self) -> None:
-        names = self("images", "list", "--quiet").split()
-        if names:
-            self("images", "remove", "--sync", *names)
 
 
 @pytest.fixture
