@@ -34,6 +34,7 @@ from regproxy.errors import (
 from regproxy.proxy.flights import BlobFlight, FlightFailed, SingleFlight, hash_pieces
 from regproxy.proxy.upstream import Upstream, UpstreamError, client_timeout
 from regproxy.reference import ProxyName, upstream_storage_key
+from regproxy.sockbody import BodyTimeout, BodyTruncated, TakenBody, pump
 from regproxy.storage.aio import Offload
 from regproxy.storage.store import Store, StoredManifest
 
@@ -44,6 +45,8 @@ HIT, MISS, REVALIDATED, STALE = "HIT", "MISS", "REVALIDATED", "STALE"
 CACHE_STATUS = "X-Cache-Status"
 _LINK_RE = re.compile(r'<([^>]*)>\s*;\s*rel="?next"?')
 FETCH_CHUNK = 1024 * 1024
+#: A blob body read past aiohttp fails when the upstream sends nothing for this long.
+READ_TIMEOUT = client_timeout().sock_read or 60.0
 
 
 @dataclass
@@ -348,13 +351,21 @@ class ProxyCache:
         digest = flight.digest
         try:
             resp = await upstream.blob(target.remote, str(digest))
+            taken = None
             try:
                 if resp.status != 200:
                     raise FlightFailed(f"upstream answered {resp.status}", resp.status)
                 flight.start_streaming(resp.content_length)
-                await self._spool(resp, flight, target.upstream)
+                taken = upstream.take_body(resp)
+                if taken is not None:
+                    await self._spool_direct(taken, flight, target.upstream)
+                else:
+                    await self._spool(resp, flight, target.upstream)
             finally:
-                resp.release()
+                if taken is not None and taken.remaining:
+                    resp.close()  # the body was read past aiohttp: never back to the pool
+                else:
+                    resp.release()
             if flight.total is not None and flight.written != flight.total:
                 raise FlightFailed(f"upstream sent {flight.written} of {flight.total} bytes")
             await self.offload.run(self.store.commit_blob, name, flight.spool, digest)
@@ -413,6 +424,47 @@ class ProxyCache:
                 if work is not None:
                     with contextlib.suppress(Exception):
                         await asyncio.shield(work)
+        if hasher.hexdigest() != flight.digest.hex:
+            raise FlightFailed("upstream blob does not match its digest")
+
+    async def _spool_direct(self, taken: TakenBody, flight: BlobFlight, upstream: str) -> None:
+        """The body read from the socket by `sockbody.pump`: one thread reads, one writes
+        the spool, one hashes; readers are told of each block as it lands."""
+        hasher = flight.digest.hasher()
+        loop = asyncio.get_running_loop()
+
+        def landed(n: int) -> None:
+            flight.advance(n)
+            self.stats.count(self.stats.upstream_bytes, upstream, n)
+
+        def pump_into_spool() -> None:
+            at = flight.written
+
+            def write(block: memoryview) -> None:
+                nonlocal at
+                at += flight.write_sync([block], at)
+                # in order, and before the pump's own result reaches the loop
+                loop.call_soon_threadsafe(landed, len(block))
+
+            pump(taken, [write, hasher.update], READ_TIMEOUT, position=at)
+
+        try:
+            if taken.head:
+                landed(await self.offload.run(flight.write_sync, taken.head))
+                await self.offload.run(hash_pieces, hasher, taken.head)
+            if taken.remaining:
+                work = asyncio.ensure_future(self.offload.run(pump_into_spool))
+                try:
+                    await asyncio.shield(work)
+                except asyncio.CancelledError:
+                    taken.stop.set()  # never close the spool under a running write
+                    with contextlib.suppress(Exception):
+                        await work
+                    raise
+        except (BodyTimeout, BodyTruncated) as exc:
+            raise FlightFailed(f"upstream transfer failed: {exc}") from None
+        finally:
+            taken.close()
         if hasher.hexdigest() != flight.digest.hex:
             raise FlightFailed("upstream blob does not match its digest")
 

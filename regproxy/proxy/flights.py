@@ -82,16 +82,18 @@ class BlobFlight:
         self.state = self.STREAMING
         self._notify()
 
-    def write_sync(self, pieces: list[bytes]) -> int:
-        """Append `pieces` to the spool (in a worker thread); returns the bytes written.
+    def write_sync(self, pieces: list[bytes] | list[memoryview], at: int | None = None) -> int:
+        """Write `pieces` to the spool at `at` (default: its end so far), in a worker
+        thread; returns the bytes written.
 
         Hashing runs beside it on another thread (`hash_pieces`), in the same chunk order.
         """
+        start = self.written if at is None else at
         n = 0
         for piece in pieces:
             view = memoryview(piece)
             while view:
-                done = os.pwrite(self._fd, view, self.written + n)
+                done = os.pwrite(self._fd, view, start + n)
                 view = view[done:]
                 n += done
         return n

@@ -20,6 +20,7 @@ import aiohttp
 
 from regproxy.config import Secret, UpstreamConfig
 from regproxy.manifest import ACCEPT_ALL
+from regproxy.sockbody import TakenBody, direct_length, take_over
 
 log = logging.getLogger("regproxy.upstream")
 
@@ -264,6 +265,16 @@ class Upstream:
         return await self.request(
             "GET", f"/v2/{remote}/blobs/{digest}", self.scope(remote), small=False
         )
+
+    @staticmethod
+    def take_body(resp: aiohttp.ClientResponse) -> TakenBody | None:
+        """A blob body taken from aiohttp for `sockbody.pump` (large, Content-Length, no
+        content coding, plain TCP), else None. The caller must then `close()` the
+        response: its connection cannot go back to the pool."""
+        length = direct_length(resp.content_length, resp.headers)
+        if length is None or resp.connection is None:
+            return None
+        return take_over(resp.content, resp.connection.transport, length)
 
     async def get_json(
         self, path: str, remote: str, params: dict[str, str] | None = None

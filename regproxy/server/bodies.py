@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from regproxy.errors import BlobUploadInvalid, ManifestTooLarge, RangeNotSatisfiable
-from regproxy.server.keys import CONFIG
+from regproxy.server.keys import CLOSE_AFTER, CONFIG
+from regproxy.sockbody import TakenBody, direct_length, take_over
 
 #: Bytes gathered before one write+hash thread hop.
 CHUNK_BYTES = 1024 * 1024
@@ -59,6 +60,24 @@ async def chunks(request: web.Request) -> AsyncIterator[list[bytes]]:
             gathered, size = [], 0
     if gathered:
         yield gathered
+
+
+def take_body(request: web.Request) -> TakenBody | None:
+    """The body taken away from aiohttp for `sockbody.pump`, when it is large, has a
+    Content-Length, no content coding and arrives over plain TCP; else None."""
+    length = direct_length(request.content_length, request.headers)
+    if length is None:
+        return None
+    taken = take_over(request.content, request.transport, length)
+    if taken is not None and taken.remaining:
+        # aiohttp's parser still expects these bytes: this connection cannot be reused.
+        # Its reader is ended so aiohttp does not linger waiting for the body to drain;
+        # that resumes the transport, so pause it again before the loop reads a byte.
+        request.protocol.close()
+        request.content.feed_eof()
+        request.transport.pause_reading()
+        request[CLOSE_AFTER] = True
+    return taken
 
 
 def parse_content_range(header: str, offset: int) -> tuple[int, int]:

@@ -22,3 +22,5 @@ PROXY = web.AppKey("proxy_cache", ProxyCache)
 #: per request: the signed-in user (None: anonymous), and "may this caller do ACTION on NAME?"
 USER = web.RequestKey("user", str)
 MAY = web.RequestKey("may", Callable)
+#: per request: the body was read past aiohttp, so the connection closes after the answer
+CLOSE_AFTER = web.RequestKey("close_after", bool)

@@ -9,6 +9,7 @@ import logging
 from aiohttp import web
 
 from regproxy.errors import NameUnknown, PayloadTooLarge, RegistryError, StorageFull, Unsupported
+from regproxy.server.keys import CLOSE_AFTER
 
 log = logging.getLogger("regproxy.server")
 
@@ -39,6 +40,13 @@ def _from_http(exc: web.HTTPException) -> RegistryError | None:
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler) -> web.StreamResponse:
+    response = await _answer(request, handler)
+    if request.get(CLOSE_AFTER):
+        response.force_close()  # the body was read past aiohttp's parser (bodies.take_body)
+    return response
+
+
+async def _answer(request: web.Request, handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except RegistryError as exc:

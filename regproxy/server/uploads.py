@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
 
 from aiohttp import web
@@ -17,10 +18,11 @@ from regproxy.errors import (
     TooManyRequests,
 )
 from regproxy.reference import validate_name
-from regproxy.server.bodies import chunks, parse_content_range
+from regproxy.server.bodies import chunks, parse_content_range, take_body
 from regproxy.server.keys import CONFIG, MAY, OFFLOAD, REGISTRY, UPLOADS, USER
 from regproxy.server.names import local_name_for_write
-from regproxy.storage.uploads import UploadSession
+from regproxy.sockbody import BodyTimeout, TakenBody, pump
+from regproxy.storage.uploads import Uploads, UploadSession
 
 #: One request at a time per session: an asyncio lock per live session id.
 SESSION_LOCKS = web.AppKey("upload_locks", weakref.WeakValueDictionary)
@@ -59,8 +61,12 @@ def _digest_param(request: web.Request) -> Digest:
 
 
 async def _receive(request: web.Request, session: UploadSession) -> int:
-    """Stream the body into the session: while the loop reads chunk k+1 from the network,
-    chunk k is written on one worker thread and hashed on another."""
+    """Stream the body into the session: straight from the socket when it is large
+    (`take_body`), else through aiohttp while chunk k is written and hashed on two
+    threads as the loop reads chunk k+1."""
+    taken = take_body(request)
+    if taken is not None:
+        return await _receive_direct(request, session, taken)
     offload = request.app[OFFLOAD]
     uploads = request.app[UPLOADS]
     received = 0
@@ -82,6 +88,41 @@ async def _receive(request: web.Request, session: UploadSession) -> int:
             if pending is not None:
                 await asyncio.shield(pending)
     return received
+
+
+def _pump_into(uploads: Uploads, session: UploadSession, taken: TakenBody, timeout: float) -> int:
+    """In a worker thread: the socket's bytes appended to and hashed into the session."""
+    with uploads.appender(session) as append:
+        consumers = [append, lambda block: uploads.hash(session, [block])]
+        return pump(taken, consumers, timeout, position=session.offset)
+
+
+async def _receive_direct(request: web.Request, session: UploadSession, taken: TakenBody) -> int:
+    """The body read by `sockbody.pump`: worker threads read, write and hash it."""
+    offload = request.app[OFFLOAD]
+    uploads = request.app[UPLOADS]
+    timeout = request.app[CONFIG].server.body_timeout
+    received = sum(len(piece) for piece in taken.head)
+    try:
+        if taken.head:
+            await offload.run(uploads.append, session, taken.head)
+        if not taken.remaining:
+            return received
+        work = asyncio.ensure_future(offload.run(_pump_into, uploads, session, taken, timeout))
+        try:
+            # shielded: a cancelled request stops the pump, but only after it let go
+            # of the session, so its offset and hash stay consistent with its file
+            await asyncio.shield(work)
+        except asyncio.CancelledError:
+            taken.stop.set()
+            with contextlib.suppress(Exception):
+                await work
+            raise
+        except BodyTimeout as exc:
+            raise BlobUploadInvalid(str(exc)) from None
+        return received + taken.remaining
+    finally:
+        taken.close()
 
 
 async def _receive_chunk(request: web.Request, session: UploadSession) -> None:

