@@ -7,6 +7,7 @@ One module per command; this one holds the group and what every command shares
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -51,18 +52,59 @@ config_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _LazyGroup(click.Group):
+    """Imports a command's module only when that command runs or help lists it, so
+    `serve` never loads rich and the offline commands' code (~4.5 MiB of RSS)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(_COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        load = _COMMANDS.get(cmd_name)
+        return load() if load is not None else None
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="regproxy")
 def main() -> None:
     """regproxy: a container registry and a pull-through cache in one process."""
 
 
-def _register() -> None:
-    from regproxy.cli import gc, ls, prefetch, serve, verify
+# plain import statements (not importlib) so PyInstaller still finds every module
+def _serve() -> click.Command:
+    from regproxy.cli.serve import serve
 
-    main.add_command(serve.serve)
-    for command in (gc.gc, ls.ls, verify.verify, prefetch.prefetch):
-        main.add_command(command)
+    return serve
 
 
-_register()
+def _gc() -> click.Command:
+    from regproxy.cli.gc import gc
+
+    return gc
+
+
+def _ls() -> click.Command:
+    from regproxy.cli.ls import ls
+
+    return ls
+
+
+def _verify() -> click.Command:
+    from regproxy.cli.verify import verify
+
+    return verify
+
+
+def _prefetch() -> click.Command:
+    from regproxy.cli.prefetch import prefetch
+
+    return prefetch
+
+
+_COMMANDS: dict[str, Callable[[], click.Command]] = {
+    "serve": _serve,
+    "gc": _gc,
+    "ls": _ls,
+    "verify": _verify,
+    "prefetch": _prefetch,
+}
