@@ -57,11 +57,15 @@ class DirectWriter:
     of 1 MiB blocks run at ~960 MB/s. Callers fsync before committing either way. Anything
     that cannot go direct (an unaligned block or offset, a filesystem without `O_DIRECT`
     such as older tmpfs) is written normally, so correctness never depends on alignment.
+    Bytes before `direct_from` are written normally too: a layer of ordinary size stays in
+    the page cache for the pull that often follows a push, and only the bulk of a large
+    blob bypasses it (which also keeps one huge push from evicting everything cached).
     Not thread-safe: one writer thread per file.
     """
 
-    def __init__(self, path: Path, offset: int) -> None:
+    def __init__(self, path: Path, offset: int, direct_from: int = 0) -> None:
         self.offset = offset
+        self.direct_from = direct_from
         self._fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         try:
             self._direct = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
@@ -71,7 +75,8 @@ class DirectWriter:
     def write(self, data: memoryview) -> int:
         """Write `data` at the current offset; return the new offset."""
         done = 0
-        if self._direct >= 0 and self.offset % DIRECT_ALIGN == 0 and len(data) % DIRECT_ALIGN == 0:
+        aligned = self.offset % DIRECT_ALIGN == 0 and len(data) % DIRECT_ALIGN == 0
+        if self._direct >= 0 and aligned and self.offset >= self.direct_from:
             try:
                 done = os.pwrite(self._direct, data, self.offset)
             except OSError as exc:

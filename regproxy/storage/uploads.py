@@ -30,6 +30,8 @@ from regproxy.storage.store import Store
 
 _ID_RE = re.compile(r"[0-9a-f]{32}")
 HASH_BLOCK = 1024 * 1024
+#: Upload bytes past this offset are written past the page cache (see `DirectWriter`).
+DIRECT_FROM = 64 * 1024 * 1024
 
 
 @dataclass
@@ -131,8 +133,8 @@ class Uploads:
     @contextlib.contextmanager
     def appender(self, session: UploadSession) -> Iterator[Callable[[memoryview], None]]:
         """Append blocks to the session from one thread, past the page cache where aligned
-        (`DirectWriter`); the same ordering rules as `write`."""
-        writer = DirectWriter(session.data_path, session.offset)
+        and beyond `DIRECT_FROM` (`DirectWriter`); the same ordering rules as `write`."""
+        writer = DirectWriter(session.data_path, session.offset, DIRECT_FROM)
 
         def append(block: memoryview) -> None:
             session.offset = writer.write(block)
