@@ -19,6 +19,7 @@ bodies) and the proxy (upstream response bodies) use this module.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import mmap
 import os
@@ -27,8 +28,9 @@ import select
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 #: Smaller bodies go through aiohttp: not worth a connection that cannot be reused.
 DIRECT_MIN = 1024 * 1024
@@ -38,6 +40,12 @@ BLOCK = 1024 * 1024
 DEPTH = 3
 #: How often a blocked reader checks whether it was told to stop.
 _POLL_SLICE = 0.25
+#: Bodies read by threads at once; more are left to aiohttp. Each holds a reader thread
+#: (own pool, so stalled clients never starve the storage pool) and one per consumer.
+MAX_BODIES = 32
+_slots = threading.BoundedSemaphore(MAX_BODIES)
+_executor = ThreadPoolExecutor(max_workers=MAX_BODIES, thread_name_prefix="regproxy-pump")
+T = TypeVar("T")
 
 Consumer = Callable[[memoryview], None]
 
@@ -62,13 +70,20 @@ class TakenBody:
     remaining: int
     fd: int = -1
     stop: threading.Event = field(default_factory=threading.Event)
+    _slot: bool = field(default=False, repr=False)
 
     def close(self) -> None:
-        """Release the duplicated descriptor (the transport keeps its own)."""
+        """Release the duplicated descriptor (the transport keeps its own) and the slot.
+
+        Only once nothing reads the descriptor any more: `drive` does it when the pump
+        returns, since a number closed under a running `readv` could be reused."""
         if self.fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
             self.fd = -1
+        if self._slot:
+            self._slot = False
+            _slots.release()
 
 
 def direct_length(length: int | None, headers: Mapping[str, str]) -> int | None:
@@ -101,14 +116,40 @@ def take_over(content: Any, transport: Any, length: int) -> TakenBody | None:
     sock = plain_socket(transport)
     if sock is None or content.exception() is not None:
         return None
+    if not _slots.acquire(blocking=False):
+        return None  # `MAX_BODIES` already being read by threads: aiohttp reads this one
     head: list[bytes] = []
-    while data := content.read_nowait():  # may re-feed data the paused parser held back
-        head.append(data)
-    remaining = length - content.total_bytes
-    if remaining <= 0:
-        return TakenBody(head, 0)
-    transport.pause_reading()
-    return TakenBody(head, remaining, os.dup(sock.fileno()))
+    try:
+        while data := content.read_nowait():  # may re-feed data the paused parser held
+            head.append(data)
+        remaining = length - content.total_bytes
+        if remaining <= 0:
+            _slots.release()
+            return TakenBody(head, 0)
+        transport.pause_reading()
+        return TakenBody(head, remaining, os.dup(sock.fileno()), _slot=True)
+    except BaseException:
+        _slots.release()
+        raise
+
+
+async def drive(body: TakenBody, work: Callable[[], T], *, wait_when_cancelled: bool) -> T:
+    """Run `work` (which calls `pump(body, …)`) on a body thread; return its result.
+
+    The body's descriptor and slot are released when `work` returns. Cancelled, the pump
+    is told to stop; with `wait_when_cancelled` the caller also waits until it did (when
+    a consumer uses something the caller is about to close).
+    """
+    future = asyncio.get_running_loop().run_in_executor(_executor, work)
+    future.add_done_callback(lambda _: body.close())
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        body.stop.set()
+        if wait_when_cancelled:
+            with contextlib.suppress(Exception):
+                await future
+        raise
 
 
 class _Consumer(threading.Thread):
@@ -145,20 +186,32 @@ def _wait_readable(fd: int, idle_timeout: float, since: float, stop: threading.E
             return
 
 
-def _fill(fd: int, view: memoryview, idle_timeout: float, stop: threading.Event) -> None:
-    """Fill `view` completely from the socket."""
+def _fill(fd: int, view: memoryview, idle_timeout: float, stop: threading.Event) -> int:
+    """Fill `view` from the socket; return how much arrived. Raises as `pump` says, with
+    the bytes that did arrive in the exception's `filled`."""
     filled = 0
     since = time.monotonic()
-    while filled < len(view):
-        try:
-            n = os.readv(fd, [view[filled:]])
-        except (BlockingIOError, InterruptedError):
-            _wait_readable(fd, idle_timeout, since, stop)
-            continue
-        if n == 0:
-            raise BodyTruncated("the connection closed before the end of the body")
-        filled += n
-        since = time.monotonic()
+    try:
+        while filled < len(view):
+            try:
+                n = os.readv(fd, [view[filled:]])
+            except (BlockingIOError, InterruptedError):
+                _wait_readable(fd, idle_timeout, since, stop)
+                continue
+            if n == 0:
+                raise BodyTruncated("the connection closed before the end of the body")
+            filled += n
+            since = time.monotonic()
+    except (BodyTimeout, BodyStopped, OSError) as exc:
+        exc.filled = filled  # type: ignore[attr-defined]
+        raise
+    return filled
+
+
+def _dispatch(workers: list[_Consumer], users: list[int], view: memoryview, index: int) -> None:
+    users[index] = len(workers)
+    for worker in workers:
+        worker.work.put((view, index))
 
 
 def pump(
@@ -183,6 +236,8 @@ def pump(
     """
     if not consumers:
         raise ValueError("pump needs at least one consumer")
+    if body.remaining <= 0:
+        return 0
     size = min(block, body.remaining)
     # anonymous maps: page-aligned, and unmapped as soon as the last view is dropped
     buffers = [memoryview(mmap.mmap(-1, size)) for _ in range(depth)]
@@ -211,12 +266,16 @@ def pump(
             if any(worker.error is not None for worker in workers):
                 break
             view = buffers[index][: min(want, size, body.remaining - total)]
-            _fill(body.fd, view, idle_timeout, body.stop)
+            try:
+                _fill(body.fd, view, idle_timeout, body.stop)
+            except (BodyTimeout, BodyStopped, OSError) as exc:
+                # what did arrive is kept (an upload can resume after it), then the error
+                if filled := getattr(exc, "filled", 0):
+                    _dispatch(workers, users, view[:filled], index)
+                raise
             total += len(view)
             want = block
-            users[index] = len(workers)
-            for worker in workers:
-                worker.work.put((view, index))
+            _dispatch(workers, users, view, index)
     finally:
         for worker in workers:
             worker.work.put(None)

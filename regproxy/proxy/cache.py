@@ -34,7 +34,7 @@ from regproxy.errors import (
 from regproxy.proxy.flights import BlobFlight, FlightFailed, SingleFlight, hash_pieces
 from regproxy.proxy.upstream import Upstream, UpstreamError, client_timeout
 from regproxy.reference import ProxyName, upstream_storage_key
-from regproxy.sockbody import BodyTimeout, BodyTruncated, TakenBody, pump
+from regproxy.sockbody import BodyTimeout, BodyTruncated, TakenBody, drive, pump
 from regproxy.storage.aio import Offload
 from regproxy.storage.store import Store, StoredManifest
 
@@ -449,22 +449,18 @@ class ProxyCache:
             pump(taken, [write, hasher.update], READ_TIMEOUT, position=at)
 
         try:
-            if taken.head:
-                landed(await self.offload.run(flight.write_sync, taken.head))
-                await self.offload.run(hash_pieces, hasher, taken.head)
+            try:
+                if taken.head:
+                    landed(await self.offload.run(flight.write_sync, taken.head))
+                    await self.offload.run(hash_pieces, hasher, taken.head)
+            except BaseException:
+                taken.close()
+                raise
             if taken.remaining:
-                work = asyncio.ensure_future(self.offload.run(pump_into_spool))
-                try:
-                    await asyncio.shield(work)
-                except asyncio.CancelledError:
-                    taken.stop.set()  # never close the spool under a running write
-                    with contextlib.suppress(Exception):
-                        await work
-                    raise
+                # cancelled: wait for the pump, never close the spool under a running write
+                await drive(taken, pump_into_spool, wait_when_cancelled=True)
         except (BodyTimeout, BodyTruncated) as exc:
             raise FlightFailed(f"upstream transfer failed: {exc}") from None
-        finally:
-            taken.close()
         if hasher.hexdigest() != flight.digest.hex:
             raise FlightFailed("upstream blob does not match its digest")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import weakref
 
 from aiohttp import web
@@ -21,7 +21,7 @@ from regproxy.reference import validate_name
 from regproxy.server.bodies import chunks, parse_content_range, take_body
 from regproxy.server.keys import CONFIG, MAY, OFFLOAD, REGISTRY, UPLOADS, USER
 from regproxy.server.names import local_name_for_write
-from regproxy.sockbody import BodyTimeout, TakenBody, pump
+from regproxy.sockbody import BodyTimeout, TakenBody, drive, pump
 from regproxy.storage.uploads import Uploads, UploadSession
 
 #: One request at a time per session: an asyncio lock per live session id.
@@ -98,31 +98,26 @@ def _pump_into(uploads: Uploads, session: UploadSession, taken: TakenBody, timeo
 
 
 async def _receive_direct(request: web.Request, session: UploadSession, taken: TakenBody) -> int:
-    """The body read by `sockbody.pump`: worker threads read, write and hash it."""
-    offload = request.app[OFFLOAD]
+    """The body read by `sockbody.pump`: threads read, write and hash it."""
     uploads = request.app[UPLOADS]
     timeout = request.app[CONFIG].server.body_timeout
     received = sum(len(piece) for piece in taken.head)
     try:
         if taken.head:
-            await offload.run(uploads.append, session, taken.head)
-        if not taken.remaining:
-            return received
-        work = asyncio.ensure_future(offload.run(_pump_into, uploads, session, taken, timeout))
-        try:
-            # shielded: a cancelled request stops the pump, but only after it let go
-            # of the session, so its offset and hash stay consistent with its file
-            await asyncio.shield(work)
-        except asyncio.CancelledError:
-            taken.stop.set()
-            with contextlib.suppress(Exception):
-                await work
-            raise
-        except BodyTimeout as exc:
-            raise BlobUploadInvalid(str(exc)) from None
-        return received + taken.remaining
-    finally:
+            await request.app[OFFLOAD].run(uploads.append, session, taken.head)
+    except BaseException:
         taken.close()
+        raise
+    if not taken.remaining:
+        return received
+    work = functools.partial(_pump_into, uploads, session, taken, timeout)
+    try:
+        # cancelled (shutdown): the pump stops on its own; the caller may drop the
+        # session meanwhile, as its writer keeps its own descriptors
+        await drive(taken, work, wait_when_cancelled=False)
+    except BodyTimeout as exc:
+        raise BlobUploadInvalid(str(exc)) from None
+    return received + taken.remaining
 
 
 async def _receive_chunk(request: web.Request, session: UploadSession) -> None:

@@ -17,6 +17,7 @@ import pytest
 
 from regproxy.digest import Digest
 from regproxy.storage import fs
+from regproxy.storage import uploads as uploads_mod
 from regproxy.storage.fs import DIRECT_ALIGN, DirectWriter
 from regproxy.storage.store import Store
 from regproxy.storage.uploads import Uploads
@@ -219,6 +220,33 @@ def test_aligned_blocks_go_direct_and_others_do_not(
     assert path.read_bytes() == b"h" * 100 + b"".join(blocks)
 
 
+@pytest.mark.parametrize("direct_from", [2 * MIB, 2 * MIB + 100])
+def test_bytes_before_direct_from_are_written_normally(
+    folder: Path, monkeypatch: pytest.MonkeyPatch, direct_from: int
+) -> None:
+    """The first `direct_from` bytes stay in the page cache; aligned blocks that start at
+    or past it go direct."""
+    path = folder / "data"
+    path.touch()
+    spy = PwriteSpy(monkeypatch)
+    writer = DirectWriter(path, 0, direct_from=direct_from)
+    direct, normal = writer._direct, writer._fd
+    if direct < 0:
+        writer.close()
+        pytest.skip("this filesystem cannot open files with O_DIRECT")
+    blocks = [os.urandom(MIB) for _ in range(5)]
+    try:
+        for block in blocks:
+            writer.write(aligned_block(block))
+    finally:
+        writer.close()
+    fds = [fd for fd, _n, _at in spy.calls]
+    offsets = [at for _fd, _n, at in spy.calls]
+    assert offsets == [i * MIB for i in range(5)]
+    assert fds == [normal if at < direct_from else direct for at in offsets]
+    assert path.read_bytes() == b"".join(blocks)
+
+
 def test_einval_from_o_direct_falls_back_to_normal_writes(
     folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -318,6 +346,39 @@ def test_appender_updates_the_session_offset(folder: Path) -> None:
     store = Store(folder / "registry")
     digest = Digest.parse("sha256:" + hashlib.sha256(data).hexdigest())
     assert uploads.finish(session, digest, store) == len(data)
+
+
+def test_appender_keeps_the_first_direct_from_bytes_in_the_page_cache(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`Uploads.appender` writes the start of a blob normally (a pull often follows a push),
+    only what lies past `DIRECT_FROM` goes direct."""
+    uploads = Uploads(folder / "tmp")
+    session = uploads.create("team/app")
+    probe = DirectWriter(session.data_path, 0)
+    direct_possible = probe._direct >= 0
+    probe.close()
+    # an ordinary layer: every block through the page cache
+    spy = PwriteSpy(monkeypatch)
+    blocks = [os.urandom(MIB) for _ in range(3)]
+    with uploads.appender(session) as append:
+        for block in blocks:
+            append(aligned_block(block))
+    assert len({fd for fd, _n, _at in spy.calls}) == 1, "one descriptor: the normal one"
+    assert uploads_mod.DIRECT_FROM > 3 * MIB
+    # past the threshold (made small here) aligned blocks go direct
+    monkeypatch.setattr(uploads_mod, "DIRECT_FROM", 4 * MIB)
+    spy.calls.clear()
+    more = [os.urandom(MIB) for _ in range(3)]
+    with uploads.appender(session) as append:
+        for block in more:
+            append(aligned_block(block))
+    fds = [fd for fd, _n, _at in spy.calls]
+    assert [at for _fd, _n, at in spy.calls] == [3 * MIB, 4 * MIB, 5 * MIB]
+    if direct_possible:
+        assert fds[1] == fds[2] != fds[0], "the blocks at 4 and 5 MiB go direct"
+    assert session.offset == 6 * MIB
+    assert session.data_path.read_bytes() == b"".join(blocks + more)
 
 
 def test_appender_continues_a_session_loaded_from_disk(folder: Path) -> None:
