@@ -102,8 +102,10 @@ def test_pull_one_platform_of_index(
 def test_push_pull_single_manifest(
     registry: RegistryServer, new_ctr: Callable[[], Ctr], repo: str, tmp_path: Path
 ) -> None:
-    """A plain image manifest (no index), pulled back by tag and by digest."""
-    img = make_image("ctr-image", (220 * 1024, 10 * 1024))
+    """A plain image manifest (no index), pulled back by tag and by digest. containerd
+    pushes each blob as one PUT with a Content-Length: the 3 MiB layer is read past
+    aiohttp (`sockbody`)."""
+    img = make_image("ctr-image", (220 * 1024, 3 * 1024 * 1024, 10 * 1024))
     ref = f"{registry.host}/{repo}:v1"
     push_from_archive(new_ctr(), tmp_path, img, ref)
     assert sha256_digest(get_manifest(registry.url, repo, "v1").body) == img.manifest_digest

@@ -30,8 +30,9 @@ from tests.support.skopeo import Skopeo
 
 @pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Image, Path]:
-    """A three-layer amd64 image in an OCI layout, tag ``v1``."""
-    img = make_image("skopeo-image", (300 * 1024, 1024 * 1024, 20 * 1024))
+    """A three-layer amd64 image in an OCI layout, tag ``v1``. skopeo sends each layer as
+    one PATCH with a Content-Length: the 3 MiB one is read past aiohttp (`sockbody`)."""
+    img = make_image("skopeo-image", (300 * 1024, 3 * 1024 * 1024, 20 * 1024))
     return img, write_oci_layout(tmp_path_factory.mktemp("layout") / "image", img, "v1")
 
 
