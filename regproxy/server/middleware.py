@@ -13,6 +13,7 @@ from regproxy.server.keys import CLOSE_AFTER
 
 log = logging.getLogger("regproxy.server")
 
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 API_VERSION_HEADER = {"Docker-Distribution-API-Version": "registry/2.0"}
 
 
@@ -41,8 +42,10 @@ def _from_http(exc: web.HTTPException) -> RegistryError | None:
 @web.middleware
 async def errors_middleware(request: web.Request, handler) -> web.StreamResponse:
     response = await _answer(request, handler)
-    if request.get(CLOSE_AFTER):
-        response.force_close()  # the body was read past aiohttp's parser (bodies.take_body)
+    # the body was read past aiohttp's parser (bodies.take_body); GET and HEAD never are,
+    # and skip the lookup (a KeyError inside Mapping.get) on the hot path
+    if request.method in _BODY_METHODS and request.get(CLOSE_AFTER):
+        response.force_close()
     return response
 
 
