@@ -20,6 +20,14 @@ LAYERS = {
         "regproxy.cli",
         "aiohttp",
     ],
+    # large HTTP bodies off aiohttp: a leaf used by both server and proxy, duck-typed
+    "regproxy.sockbody": [
+        "regproxy.storage",
+        "regproxy.proxy",
+        "regproxy.server",
+        "regproxy.cli",
+        "aiohttp",
+    ],
     "regproxy.digest": ["regproxy.storage", "regproxy.proxy", "regproxy.server", "regproxy.cli"],
     "regproxy.reference": ["regproxy.storage", "regproxy.proxy", "regproxy.server", "regproxy.cli"],
     "regproxy.manifest": ["regproxy.storage", "regproxy.proxy", "regproxy.server", "regproxy.cli"],
@@ -86,3 +94,16 @@ def test_layer_imports_nothing_above_it(module: str) -> None:
     for forbidden in LAYERS[module]:
         offenders = [m for m in loaded if m == forbidden or m.startswith(forbidden + ".")]
         assert not offenders, f"{module} pulls in {offenders}"
+
+
+def test_serve_loads_no_offline_command() -> None:
+    """`regproxy serve` imports neither rich nor the offline commands' modules (RSS)."""
+    code = (
+        "import sys, json; from regproxy.cli import main; "
+        "main.get_command(None, 'serve'); print(json.dumps(sorted(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(json.loads(out.stdout))
+    assert "regproxy.cli.serve" in loaded
+    for module in ("rich", "regproxy.cli.gc", "regproxy.cli.ls", "regproxy.cli.verify"):
+        assert module not in loaded, f"serve pulls in {module}"
