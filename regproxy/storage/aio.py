@@ -5,6 +5,11 @@ Coroutines never call `open()`, `os.*` or hash large buffers themselves; they
 loop are the cheap metadata reads named in `INLINE_SAFE` (a tag file, a
 revision link, a cached manifest: a few hundred bytes from the page cache),
 where a thread hop would cost more than the read.
+
+One other pool exists: `regproxy.sockbody` reads large request and upstream bodies
+straight from their sockets on threads of its own, so a client that stalls mid-body
+never holds a storage thread; the writes and hashing it drives go through the same
+storage calls (`Uploads.appender`, `BlobFlight.write_sync`) from those threads.
 """
 
 from __future__ import annotations
