@@ -30,6 +30,7 @@ from regproxy.sockbody import (
     BodyTruncated,
     TakenBody,
     direct_length,
+    drive,
     pump,
     take_over,
 )
@@ -544,3 +545,67 @@ async def test_take_over_in_an_aiohttp_handler() -> None:
             assert resp.headers.get("Connection", "").lower() == "close"
     finally:
         await client.close()
+
+
+# ---- the cap on bodies read by threads, and drive ------------------------------------------
+
+
+def test_at_most_max_bodies_are_taken_over_at_once(pair: Pair) -> None:
+    """Past `MAX_BODIES` bodies in flight, the next one is left to aiohttp; closing one
+    frees its slot."""
+    taken = []
+    try:
+        for _ in range(sockbody.MAX_BODIES):
+            body = take_over(FakeContent([]), FakeTransport(pair.server), 10)
+            assert body is not None
+            taken.append(body)
+        transport = FakeTransport(pair.server)
+        assert take_over(FakeContent([b"abc"]), transport, 10) is None
+        assert transport.paused == 0, "a body left to aiohttp is not touched"
+        taken.pop().close()
+        body = take_over(FakeContent([]), FakeTransport(pair.server), 10)
+        assert body is not None
+        taken.append(body)
+    finally:
+        for body in taken:
+            body.close()
+    # a body with nothing left to read never holds a slot
+    for _ in range(sockbody.MAX_BODIES + 1):
+        assert take_over(FakeContent([b"x" * 10]), FakeTransport(pair.server), 10) is not None
+
+
+async def test_drive_closes_the_descriptor_when_the_pump_returns(pair: Pair) -> None:
+    taken = take_over(FakeContent([]), FakeTransport(pair.server), 1000)
+    assert taken is not None
+    data = os.urandom(1000)
+    pair.send(data)
+    collector = Collector()
+    read = await drive(taken, lambda: pump(taken, [collector], 5.0), wait_when_cancelled=False)
+    assert read == 1000 and collector.data == data
+    await asyncio.sleep(0)  # the done callback runs on the loop
+    assert taken.fd == -1
+
+
+@pytest.mark.parametrize("wait", [True, False])
+async def test_drive_cancelled_stops_the_pump(pair: Pair, wait: bool) -> None:
+    """Cancelling the awaiting task stops a pump stalled on a silent peer; the descriptor
+    is closed only once the pump has returned."""
+    taken = take_over(FakeContent([]), FakeTransport(pair.server), 1000)
+    assert taken is not None
+    task = asyncio.ensure_future(
+        drive(taken, lambda: pump(taken, [Collector()], 60.0), wait_when_cancelled=wait)
+    )
+    await asyncio.sleep(0.2)
+    task.cancel()
+    started = time.monotonic()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert taken.stop.is_set()
+    if wait:
+        assert taken.fd == -1, "waited for the pump: its descriptor is closed"
+    else:
+        assert time.monotonic() - started < 0.2, "did not wait for the pump"
+    deadline = time.monotonic() + 5
+    while taken.fd != -1 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert taken.fd == -1, "the pump stopped within its poll slice and let go"
