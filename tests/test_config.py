@@ -70,6 +70,17 @@ def test_defaults() -> None:
     assert config.proxy.prefix == "p"
     assert config.proxy.upstreams == {}
     assert config.proxy_max_size is None
+    assert config.server.direct_writes is True
+
+
+def test_direct_writes_switch() -> None:
+    """`server.direct_writes` is a bool, from the file or the environment."""
+    assert build({**SEED, "server": {"direct_writes": False}}).server.direct_writes is False
+    env = {"REGPROXY_SERVER__DIRECT_WRITES": "false"}
+    assert build(dict(SEED), env).server.direct_writes is False
+    assert error_of({**SEED, "server": {"direct_writes": "sometimes"}}).startswith(
+        "server.direct_writes"
+    )
 
 
 def test_default_file_is_cwd_configuration(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

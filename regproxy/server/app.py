@@ -123,7 +123,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[OFFLOAD] = offload
     app[REGISTRY] = await offload.run(Store, config.registry_storage)
     app[PROXY_STORE] = await offload.run(Store, config.proxy_storage)
-    app[UPLOADS] = await offload.run(Uploads, config.temporary_registry_storage)
+    app[UPLOADS] = await offload.run(
+        Uploads, config.temporary_registry_storage, config.server.direct_writes
+    )
     for store in (app[REGISTRY], app[PROXY_STORE]):
         # leftovers of writes a crash interrupted: never visible; young ones may belong to
         # an offline command (prefetch) writing right now

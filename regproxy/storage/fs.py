@@ -63,14 +63,15 @@ class DirectWriter:
     Not thread-safe: one writer thread per file.
     """
 
-    def __init__(self, path: Path, offset: int, direct_from: int = 0) -> None:
+    def __init__(self, path: Path, offset: int, direct_from: int | None = 0) -> None:
+        """`direct_from` None: never direct (a plain positional writer)."""
         self.offset = offset
-        self.direct_from = direct_from
+        self.direct_from = direct_from if direct_from is not None else 0
         self._fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            self._direct = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
-        except OSError:
-            self._direct = -1
+        self._direct = -1
+        if direct_from is not None:
+            with contextlib.suppress(OSError):
+                self._direct = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
 
     def write(self, data: memoryview) -> int:
         """Write `data` at the current offset; return the new offset."""

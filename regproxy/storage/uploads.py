@@ -54,8 +54,9 @@ class UploadSession:
 class Uploads:
     """All upload sessions of one temp root."""
 
-    def __init__(self, temp_root: Path) -> None:
+    def __init__(self, temp_root: Path, direct_writes: bool = True) -> None:
         self.root = Path(temp_root) / "uploads"
+        self.direct_from = DIRECT_FROM if direct_writes else None
         self.root.mkdir(parents=True, exist_ok=True)
         self._live: dict[str, UploadSession] = {}
         self._lock = threading.Lock()
@@ -134,7 +135,7 @@ class Uploads:
     def appender(self, session: UploadSession) -> Iterator[Callable[[memoryview], None]]:
         """Append blocks to the session from one thread, past the page cache where aligned
         and beyond `DIRECT_FROM` (`DirectWriter`); the same ordering rules as `write`."""
-        writer = DirectWriter(session.data_path, session.offset, DIRECT_FROM)
+        writer = DirectWriter(session.data_path, session.offset, self.direct_from)
 
         def append(block: memoryview) -> None:
             session.offset = writer.write(block)

@@ -367,7 +367,7 @@ def test_appender_keeps_the_first_direct_from_bytes_in_the_page_cache(
     assert len({fd for fd, _n, _at in spy.calls}) == 1, "one descriptor: the normal one"
     assert uploads_mod.DIRECT_FROM > 3 * MIB
     # past the threshold (made small here) aligned blocks go direct
-    monkeypatch.setattr(uploads_mod, "DIRECT_FROM", 4 * MIB)
+    uploads.direct_from = 4 * MIB
     spy.calls.clear()
     more = [os.urandom(MIB) for _ in range(3)]
     with uploads.appender(session) as append:
@@ -379,6 +379,30 @@ def test_appender_keeps_the_first_direct_from_bytes_in_the_page_cache(
         assert fds[1] == fds[2] != fds[0], "the blocks at 4 and 5 MiB go direct"
     assert session.offset == 6 * MIB
     assert session.data_path.read_bytes() == b"".join(blocks + more)
+
+
+def test_direct_writes_off_never_opens_o_direct(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`server.direct_writes = false` (temporary storage on NFS, say): every block goes
+    through the page cache, past `DIRECT_FROM` too."""
+    uploads = Uploads(folder / "tmp", direct_writes=False)
+    session = uploads.create("team/app")
+    opened: list[int] = []
+    real_open = fs.os.open
+
+    def spy_open(path: object, flags: int, *args: object) -> int:
+        opened.append(flags)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(fs.os, "open", spy_open)
+    uploads.direct_from = None  # and even from offset 0
+    blocks = [os.urandom(MIB) for _ in range(2)]
+    with uploads.appender(session) as append:
+        for block in blocks:
+            append(aligned_block(block))
+    assert opened and not any(flags & os.O_DIRECT for flags in opened)
+    assert session.data_path.read_bytes() == b"".join(blocks)
 
 
 def test_appender_continues_a_session_loaded_from_disk(folder: Path) -> None:
