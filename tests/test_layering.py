@@ -11,86 +11,44 @@ import sys
 
 import pytest
 
+#: what each layer must not pull in
+ABOVE_LEAVES = ["regproxy.storage", "regproxy.proxy", "regproxy.server", "regproxy.cli"]
+ABOVE_STORAGE = ["regproxy.proxy", "regproxy.server", "regproxy.cli", "aiohttp", "click", "rich"]
+ABOVE_ACCESS = ["regproxy.storage", "regproxy.proxy", "regproxy.server", "aiohttp"]
+ABOVE_PROXY = ["regproxy.server", "regproxy.cli", "click", "rich"]
+
 LAYERS = {
     # module: packages it must not pull in
-    "regproxy.errors": [
-        "regproxy.storage",
-        "regproxy.proxy",
-        "regproxy.server",
-        "regproxy.cli",
-        "aiohttp",
-    ],
+    "regproxy.errors": [*ABOVE_LEAVES, "aiohttp"],
     # large HTTP bodies off aiohttp: a leaf used by both server and proxy, duck-typed
-    "regproxy.sockbody": [
-        "regproxy.storage",
-        "regproxy.proxy",
-        "regproxy.server",
-        "regproxy.cli",
-        "aiohttp",
-    ],
-    "regproxy.digest": ["regproxy.storage", "regproxy.proxy", "regproxy.server", "regproxy.cli"],
-    "regproxy.reference": ["regproxy.storage", "regproxy.proxy", "regproxy.server", "regproxy.cli"],
-    "regproxy.manifest": ["regproxy.storage", "regproxy.proxy", "regproxy.server", "regproxy.cli"],
-    "regproxy.config": [
-        "regproxy.storage",
-        "regproxy.proxy",
-        "regproxy.server",
-        "regproxy.cli",
-        "aiohttp",
-    ],
-    "regproxy.storage.store": [
-        "regproxy.proxy",
-        "regproxy.server",
-        "regproxy.cli",
-        "aiohttp",
-        "click",
-        "rich",
-    ],
-    "regproxy.storage.gc": [
-        "regproxy.proxy",
-        "regproxy.server",
-        "regproxy.cli",
-        "aiohttp",
-        "click",
-        "rich",
-    ],
-    "regproxy.storage.uploads": [
-        "regproxy.proxy",
-        "regproxy.server",
-        "regproxy.cli",
-        "aiohttp",
-        "click",
-        "rich",
-    ],
-    "regproxy.storage.verify": [
-        "regproxy.proxy",
-        "regproxy.server",
-        "regproxy.cli",
-        "aiohttp",
-        "click",
-        "rich",
-    ],
-    "regproxy.storage.inventory": [
-        "regproxy.proxy",
-        "regproxy.server",
-        "regproxy.cli",
-        "aiohttp",
-        "click",
-        "rich",
-    ],
-    "regproxy.access.policy": ["regproxy.storage", "regproxy.proxy", "regproxy.server", "aiohttp"],
-    "regproxy.access.tokens": ["regproxy.storage", "regproxy.proxy", "regproxy.server", "aiohttp"],
-    "regproxy.proxy.prefetch": ["regproxy.server", "regproxy.cli", "click", "rich"],
-    "regproxy.proxy.cache": ["regproxy.server", "regproxy.cli", "click", "rich"],
+    "regproxy.sockbody": [*ABOVE_LEAVES, "aiohttp"],
+    "regproxy.digest": ABOVE_LEAVES,
+    "regproxy.reference": ABOVE_LEAVES,
+    "regproxy.manifest": ABOVE_LEAVES,
+    "regproxy.config": [*ABOVE_LEAVES, "aiohttp"],
+    "regproxy.storage.store": ABOVE_STORAGE,
+    "regproxy.storage.gc": ABOVE_STORAGE,
+    "regproxy.storage.uploads": ABOVE_STORAGE,
+    "regproxy.storage.verify": ABOVE_STORAGE,
+    "regproxy.storage.inventory": ABOVE_STORAGE,
+    "regproxy.access.policy": ABOVE_ACCESS,
+    "regproxy.access.tokens": ABOVE_ACCESS,
+    "regproxy.proxy.prefetch": ABOVE_PROXY,
+    "regproxy.proxy.cache": ABOVE_PROXY,
     "regproxy.server.app": ["regproxy.cli", "click", "rich"],
 }
 
 
+def modules_loaded_by(code: str) -> set[str]:
+    """Every module a fresh interpreter has loaded after running `code`."""
+    probe = f"import sys, json; {code}; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    return set(json.loads(out.stdout))
+
+
 @pytest.mark.parametrize("module", sorted(LAYERS))
 def test_layer_imports_nothing_above_it(module: str) -> None:
-    code = f"import sys, json; import {module}; print(json.dumps(sorted(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    loaded = json.loads(out.stdout)
+    loaded = modules_loaded_by(f"import {module}")
     for forbidden in LAYERS[module]:
         offenders = [m for m in loaded if m == forbidden or m.startswith(forbidden + ".")]
         assert not offenders, f"{module} pulls in {offenders}"
@@ -98,12 +56,7 @@ def test_layer_imports_nothing_above_it(module: str) -> None:
 
 def test_serve_loads_no_offline_command() -> None:
     """`regproxy serve` imports neither rich nor the offline commands' modules (RSS)."""
-    code = (
-        "import sys, json; from regproxy.cli import main; "
-        "main.get_command(None, 'serve'); print(json.dumps(sorted(sys.modules)))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    loaded = set(json.loads(out.stdout))
+    loaded = modules_loaded_by("from regproxy.cli import main; main.get_command(None, 'serve')")
     assert "regproxy.cli.serve" in loaded
     for module in ("rich", "regproxy.cli.gc", "regproxy.cli.ls", "regproxy.cli.verify"):
         assert module not in loaded, f"serve pulls in {module}"

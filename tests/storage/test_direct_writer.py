@@ -40,6 +40,15 @@ def folder(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def direct_writer_or_skip(path: Path, offset: int = 0, **kwargs: int) -> DirectWriter:
+    """A writer with its O_DIRECT descriptor open, or skip: tmpfs before Linux 6.6 has none."""
+    writer = DirectWriter(path, offset, **kwargs)
+    if writer._direct < 0:
+        writer.close()
+        pytest.skip("this filesystem cannot open files with O_DIRECT")
+    return writer
+
+
 def aligned_block(data: bytes) -> memoryview:
     """`data` in page-aligned memory, as `sockbody.pump` hands blocks over."""
     buffer = mmap.mmap(-1, max(len(data), 1))
@@ -198,11 +207,8 @@ def test_aligned_blocks_go_direct_and_others_do_not(
     path = folder / "data"
     path.write_bytes(b"h" * 100)
     spy = PwriteSpy(monkeypatch)
-    writer = DirectWriter(path, 100)
+    writer = direct_writer_or_skip(path, 100)
     direct, normal = writer._direct, writer._fd
-    if direct < 0:
-        writer.close()
-        pytest.skip("this filesystem cannot open files with O_DIRECT")
     blocks = [
         os.urandom(DIRECT_ALIGN - 100),  # brings the offset to a page boundary
         os.urandom(MIB),
@@ -229,11 +235,8 @@ def test_bytes_before_direct_from_are_written_normally(
     path = folder / "data"
     path.touch()
     spy = PwriteSpy(monkeypatch)
-    writer = DirectWriter(path, 0, direct_from=direct_from)
+    writer = direct_writer_or_skip(path, 0, direct_from=direct_from)
     direct, normal = writer._direct, writer._fd
-    if direct < 0:
-        writer.close()
-        pytest.skip("this filesystem cannot open files with O_DIRECT")
     blocks = [os.urandom(MIB) for _ in range(5)]
     try:
         for block in blocks:
@@ -252,12 +255,7 @@ def test_einval_from_o_direct_falls_back_to_normal_writes(
 ) -> None:
     path = folder / "data"
     path.touch()
-    probe = DirectWriter(path, 0)
-    direct_possible = probe._direct >= 0
-    probe.close()
-    if not direct_possible:
-        pytest.skip("this filesystem cannot open files with O_DIRECT")
-    writer = DirectWriter(path, 0)
+    writer = direct_writer_or_skip(path)
     spy = PwriteSpy(monkeypatch, refuse={writer._direct})
     normal = writer._fd
     blocks = [os.urandom(MIB), os.urandom(MIB), os.urandom(DIRECT_ALIGN)]
@@ -277,10 +275,7 @@ def test_other_errors_from_o_direct_are_raised(
 ) -> None:
     path = folder / "data"
     path.touch()
-    writer = DirectWriter(path, 0)
-    if writer._direct < 0:
-        writer.close()
-        pytest.skip("this filesystem cannot open files with O_DIRECT")
+    writer = direct_writer_or_skip(path)
 
     def full(fd: int, data: memoryview, offset: int) -> int:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -299,10 +294,7 @@ def test_short_direct_writes_are_completed(folder: Path, monkeypatch: pytest.Mon
     """A direct write that wrote only part of a block: the rest is written normally."""
     path = folder / "data"
     path.touch()
-    writer = DirectWriter(path, 0)
-    if writer._direct < 0:
-        writer.close()
-        pytest.skip("this filesystem cannot open files with O_DIRECT")
+    writer = direct_writer_or_skip(path)
     direct = writer._direct
     real = os.pwrite
 
