@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -44,20 +45,6 @@ from regproxy.storage import gc as gc_mod
 from regproxy.storage.runs import record_run
 
 T = TypeVar("T")
-JSON_KEYS = ("dry_run", "bytes_freed", "seconds", "stores", "eviction")
-STORE_KEYS = (
-    "store",
-    "dry_run",
-    "blobs_removed",
-    "bytes_freed",
-    "manifests_removed",
-    "tags_removed",
-    "uploads_removed",
-    "temp_files_removed",
-    "blobs_kept",
-    "seconds",
-    "removed",
-)
 
 
 def _option_value(option: str, text: str | None, parse: Callable[[str], T]) -> T | None:
@@ -119,31 +106,82 @@ def gc(
         budget = config.proxy_max_size
     started = time.time()
     out = console()
-    reports: list[gc_mod.GcReport] = []
+    done = _Done()
+    status = out.status("collecting…") if out.is_terminal and not as_json else None
+    try:
+        with status or contextlib.nullcontext():
+            _collect(config, done, grace_s, delete_untagged, max_age, budget, dry_run)
+    except BaseException:
+        # exit 2 (read-only or broken storage) or a crash: /metrics must show a failed run
+        if not dry_run:
+            seconds = time.time() - started
+            record_run(config.temporary_registry_storage, "gc", False, seconds, done.freed)
+        raise
+    seconds = time.time() - started
+    if not dry_run:  # before any output, so `--json` runs (cron, scripts) are recorded too
+        record_run(config.temporary_registry_storage, "gc", True, seconds, done.freed)
+    if as_json:
+        emit_json(
+            {
+                "dry_run": dry_run,
+                "bytes_freed": done.freed,
+                "seconds": round(seconds, 3),
+                "stores": [r.to_json() for r in done.reports],
+                "eviction": done.eviction.to_json() if done.eviction else None,
+            }
+        )
+        return
+    _render(out, done.reports, done.eviction, dry_run, done.freed, seconds)
+
+
+@dataclass
+class _Done:
+    """What a run removed so far: a failed run still counts the stores it finished."""
+
+    reports: list[gc_mod.GcReport] = field(default_factory=list)
     eviction: gc_mod.EvictionReport | None = None
-    roots = [config.registry_storage, config.proxy_storage, config.temporary_registry_storage]
+
+    @property
+    def freed(self) -> int:
+        evicted = self.eviction.bytes_freed if self.eviction else 0
+        return sum(r.bytes_freed for r in self.reports) + evicted
+
+
+def _collect(
+    config: config_mod.Config,
+    done: _Done,
+    grace_s: float,
+    delete_untagged: bool,
+    max_age: float | None,
+    budget: int | None,
+    dry_run: bool,
+) -> None:
+    """Sweep the stores in order, adding each report to `done` as it finishes."""
     if not dry_run:
-        for root in roots:
+        for root in (
+            config.registry_storage,
+            config.proxy_storage,
+            config.temporary_registry_storage,
+        ):
             if root.exists():
                 check_writable(root)
-    status = out.status("collecting…") if out.is_terminal and not as_json else None
-    with cli_errors(), status or contextlib.nullcontext():
+    with cli_errors():
         registry = open_store(config.registry_storage, create=False)
         if registry is not None:
-            reports.append(
+            done.reports.append(
                 gc_mod.collect(registry, grace_s, delete_untagged, dry_run, label="registry")
             )
         proxy = open_store(config.proxy_storage, create=False)
         if proxy is not None:
-            reports.append(
+            done.reports.append(
                 gc_mod.collect(
                     proxy, grace_s, False, dry_run, "proxy", expire_repositories_older_than=max_age
                 )
             )
             if budget is not None:
-                eviction = gc_mod.evict_lru(proxy, budget, dry_run)
+                done.eviction = gc_mod.evict_lru(proxy, budget, dry_run)
         if config.temporary_registry_storage.exists():
-            reports.append(
+            done.reports.append(
                 gc_mod.collect_temp(
                     config.temporary_registry_storage,
                     config.server.upload_max_age,
@@ -151,22 +189,6 @@ def gc(
                     dry_run,
                 )
             )
-    freed = sum(r.bytes_freed for r in reports) + (eviction.bytes_freed if eviction else 0)
-    seconds = time.time() - started
-    if as_json:
-        emit_json(
-            {
-                "dry_run": dry_run,
-                "bytes_freed": freed,
-                "seconds": round(seconds, 3),
-                "stores": [r.to_json() for r in reports],
-                "eviction": eviction.to_json() if eviction else None,
-            }
-        )
-        return
-    if not dry_run:
-        record_run(config.temporary_registry_storage, "gc", True, seconds, freed)
-    _render(out, reports, eviction, dry_run, freed, seconds)
 
 
 def _render(

@@ -7,6 +7,7 @@ from pathlib import Path
 from regproxy.storage.store import Store
 from tests.cli.conftest import Registry
 from tests.cli.helpers import arun_cli, assert_one_line_error, invoke, write_config
+from tests.ops.helpers import scrape
 from tests.server.oci import make_image, push_image
 from tests.storage.helpers import (
     age_tree,
@@ -157,3 +158,31 @@ async def test_read_only_storage_is_one_line(registry: Registry) -> None:
         root.chmod(0o755)
     assert_one_line_error(ran, 2, "cannot write to", str(root), "permission denied")
     assert dry.code == 0, dry.stderr  # a dry run only reads
+
+
+async def test_json_runs_are_recorded_for_metrics(registry: Registry) -> None:
+    """`--json` is how cron and scripts run gc: /metrics must count those runs too."""
+    await push_orphan(registry.client, "app", 700)
+    age_tree(registry.config.registry_storage, 7200)
+    assert invoke("gc", "-c", registry.path, "--json", "--dry-run").code == 0  # changes nothing
+    ran = invoke("gc", "-c", registry.path, "--json")
+    assert ran.code == 0, ran.stderr
+    samples = await scrape(registry.client)
+    assert samples.get("regproxy_command_runs_total", command="gc") == 1
+    assert samples.get("regproxy_command_failures_total", command="gc") == 0
+    assert samples.get("regproxy_command_last_run_success", command="gc") == 1
+    assert samples.get("regproxy_gc_freed_bytes_total") == 700 == ran.json()["bytes_freed"]
+
+
+async def test_failed_runs_are_recorded_as_failed(registry: Registry) -> None:
+    root = registry.config.registry_storage
+    root.chmod(0o555)
+    try:
+        ran = await arun_cli("gc", "-c", registry.path, "--json", as_restricted=True)
+    finally:
+        root.chmod(0o755)
+    assert_one_line_error(ran, 2, "cannot write to", str(root))
+    samples = await scrape(registry.client)
+    assert samples.get("regproxy_command_runs_total", command="gc") == 1
+    assert samples.get("regproxy_command_failures_total", command="gc") == 1
+    assert samples.get("regproxy_command_last_run_success", command="gc") == 0
