@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestClient
 from regproxy.config import Config
 from tests.auth.helpers import PASSWORDS, auth_config
 from tests.conftest import make_config, start_client
-from tests.server.oci import Image, make_image
+from tests.support.oci import Image, make_image
 
 LOCAL_REPOS = ("public/app", "alice/app", "misc/app")
 PROXY_REPO = "p/up/lib/app"

@@ -10,7 +10,7 @@ import pytest
 from regproxy.server import app as server_app
 from tests.proxy.conftest import ProxyFactory, assert_proxied, snapshot, wait_until
 from tests.proxy.fake_upstream import FakeUpstream
-from tests.server.oci import make_image, push_image
+from tests.support.oci import make_image, push_image
 
 pytestmark = pytest.mark.timeout(40)
 

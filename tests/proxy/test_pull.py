@@ -20,7 +20,7 @@ from tests.proxy.fake_upstream import (
     FakeUpstream,
     sha256,
 )
-from tests.server.oci import make_image, push_image
+from tests.support.oci import make_image, push_image
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -11,7 +11,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from regproxy.config import Config
-from tests.server.oci import (
+from tests.support.oci import (
     blob_files,
     make_image,
     put_manifest,

@@ -26,7 +26,7 @@ from aiohttp.test_utils import TestClient
 from regproxy.config import Config
 from regproxy.server.keys import CONFIG
 from tests.conftest import make_config, start_client
-from tests.server.oci import (
+from tests.support.oci import (
     Image,
     blob_files,
     make_image,

@@ -6,7 +6,7 @@ import re
 
 from aiohttp.test_utils import TestClient
 
-from tests.server.oci import assert_error, make_image, push_blob, push_image, put_manifest
+from tests.support.oci import assert_error, make_image, push_blob, push_image, put_manifest
 
 LINK = re.compile(r'<([^>]+)>; rel="next"')
 

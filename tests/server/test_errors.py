@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestClient
 
 from regproxy import manifest as mf
 from regproxy.config import Config
-from tests.server.oci import (
+from tests.support.oci import (
     EMPTY_BYTES,
     EMPTY_CONFIG,
     RawResponse,

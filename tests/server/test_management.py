@@ -9,7 +9,7 @@ from aiohttp.test_utils import TestClient
 
 from regproxy.config import Config
 from regproxy.server.keys import UPLOADS
-from tests.server.oci import (
+from tests.support.oci import (
     assert_error,
     make_artifact,
     make_image,

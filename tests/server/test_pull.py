@@ -9,7 +9,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from regproxy import manifest as mf
-from tests.server.oci import (
+from tests.support.oci import (
     EMPTY_BYTES,
     EMPTY_CONFIG,
     Image,

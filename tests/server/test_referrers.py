@@ -7,7 +7,7 @@ import json
 from aiohttp.test_utils import TestClient
 
 from regproxy import manifest as mf
-from tests.server.oci import (
+from tests.support.oci import (
     assert_error,
     make_artifact,
     make_image,
