@@ -11,7 +11,7 @@ import click
 
 from regproxy import __version__
 from regproxy import config as config_mod
-from regproxy.cli import EXIT_USAGE, config_option, create_dirs, fail, load_config
+from regproxy.cli import config_option, create_dirs, fail, load_config
 from regproxy.errors import ConfigError
 
 
@@ -39,14 +39,19 @@ def serve(config_path: Path | None, listen: str | None, log_level: str | None) -
     from regproxy.server.logs import configure_logging
 
     configure_logging(config.log, log_level)
+    from regproxy.server.runner import ListenError
+
     try:
         asyncio.run(_serve(config))
     except ConfigError as exc:
         fail(f"configuration error: {exc}")
     except ssl.SSLError as exc:
         fail(f"cannot load the TLS certificate: {exc.reason or exc}")
-    except OSError as exc:
-        fail(f"cannot listen on {config.server.listen}: {exc.strerror}", EXIT_USAGE)
+    except ListenError as exc:
+        fail(f"cannot listen on {exc.address}: {exc.strerror}")
+    except OSError as exc:  # not the address: the stores (a stray file, permissions, disk full)
+        where = f": {exc.filename}" if exc.filename else ""
+        fail(f"cannot start: {exc.strerror or exc}{where}")
     except KeyboardInterrupt:
         pass
 

@@ -28,6 +28,15 @@ HEADER_TIMEOUT = 30.0
 KEEPALIVE_TIMEOUT = 75.0
 
 
+class ListenError(OSError):
+    """Binding `address` failed. Kept apart from the other start-up OSErrors (the stores'),
+    so `serve` blames the address only when the address is at fault."""
+
+    def __init__(self, address: str, cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror or str(cause))
+        self.address = address
+
+
 class _GuardedHandler(RequestHandler):
     """A request handler that drops connections which never complete a request."""
 
@@ -109,13 +118,19 @@ async def serve(config: Config, version: str) -> None:
         site = web.TCPSite(
             runner, config.server.host, config.server.port, ssl_context=context, backlog=1024
         )
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ListenError(config.server.listen, exc) from exc
         scheme = "https" if context is not None else "http"
         for address in runner.addresses:
             host, port = address[0], address[1]
             shown = f"[{host}]" if ":" in host else host
             log.info("regproxy %s listening on %s://%s:%d", version, scheme, shown, port)
-        ops_runner = await metrics.start_listener(app)
+        try:
+            ops_runner = await metrics.start_listener(app)
+        except OSError as exc:
+            raise ListenError(str(config.metrics.listen), exc) from exc
         await stop.wait()
         log.info("shutting down: finishing in-flight requests")
     finally:
