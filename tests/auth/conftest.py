@@ -9,7 +9,6 @@ each tagged `v1` (to pull) and `d` (to delete).
 from __future__ import annotations
 
 import base64
-import hashlib
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from aiohttp.test_utils import TestClient
 from regproxy.config import Config
 from tests.auth.helpers import PASSWORDS, auth_config
 from tests.conftest import make_config, start_client
+from tests.support.digests import sha256
 from tests.support.oci import Image, make_image
 
 LOCAL_REPOS = ("public/app", "alice/app", "misc/app")
@@ -32,10 +32,6 @@ SEEDER = {"public/app": "alice", "alice/app": "alice", "misc/app": "bob"}
 def auth_header(user: str) -> dict[str, str]:
     pair = f"{user}:{PASSWORDS[user]}".encode()
     return {"Authorization": "Basic " + base64.b64encode(pair).decode()}
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 async def push_image(

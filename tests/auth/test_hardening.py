@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import os
 import time
 from collections.abc import AsyncIterator
@@ -25,11 +24,12 @@ from tests.auth.conftest import RegistryFactory
 from tests.auth.helpers import PASSWORDS, Caller, auth_config, challenge_params
 from tests.auth.tree import all_files, bad_blobs, unexpected_paths
 from tests.conftest import make_config
+from tests.support.digests import sha256
 
 ROOT_AUTH = (
     "Authorization: Basic " + base64.b64encode(f"root:{PASSWORDS['root']}".encode()).decode()
 )
-DIGEST = "sha256:" + hashlib.sha256(b"x").hexdigest()
+DIGEST = sha256(b"x")
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import json
 import os
 import socket
@@ -39,6 +38,7 @@ from regproxy.server.runner import GuardedRunner
 from tests.auth.helpers import PASSWORDS, auth_config
 from tests.auth.tree import all_files, bad_blobs, unexpected_paths
 from tests.conftest import make_config
+from tests.support.digests import sha256
 
 #: examples per property; `RP_PROPERTY_EXAMPLES=5000` for a longer hunt
 EXAMPLES = int(os.environ.get("RP_PROPERTY_EXAMPLES", "250"))
@@ -48,10 +48,6 @@ SETTINGS = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def basic(user: str, password: str) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.ctr import Ctr
+from tests.support.digests import sha256
 from tests.support.dockerd import DockerDaemon
 from tests.support.images import (
     OCI_INDEX,
@@ -24,7 +25,6 @@ from tests.support.images import (
     ImageIndex,
     make_image,
     make_index,
-    sha256_digest,
     write_oci_archive,
 )
 from tests.support.processes import RegistryServer
@@ -96,7 +96,7 @@ def test_pull_one_platform_of_index(
     puller("images", "pull", "--plain-http", "--platform", "linux/arm64", ref)
     arm64 = idx.image_for("arm64")
     assert puller.content_digests() == {idx.digest, *arm64.manifests(), *arm64.blobs()}
-    assert sha256_digest(puller.content(arm64.config_digest)) == arm64.config_digest
+    assert sha256(puller.content(arm64.config_digest)) == arm64.config_digest
 
 
 def test_push_pull_single_manifest(
@@ -108,7 +108,7 @@ def test_push_pull_single_manifest(
     img = make_image("ctr-image", (220 * 1024, 3 * 1024 * 1024, 10 * 1024))
     ref = f"{registry.host}/{repo}:v1"
     push_from_archive(new_ctr(), tmp_path, img, ref)
-    assert sha256_digest(get_manifest(registry.url, repo, "v1").body) == img.manifest_digest
+    assert sha256(get_manifest(registry.url, repo, "v1").body) == img.manifest_digest
 
     by_tag = new_ctr()
     by_tag("images", "pull", "--plain-http", ref)

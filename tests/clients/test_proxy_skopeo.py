@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tests.clients.proxy_fixtures import TAG_TTL, PullThrough, wait_past_ttl
+from tests.support.digests import sha256
 from tests.support.images import (
     OCI_INDEX,
     Image,
@@ -21,7 +22,6 @@ from tests.support.images import (
     make_image,
     make_index,
     read_oci_layout,
-    sha256_digest,
     write_oci_layout,
 )
 from tests.support.processes import http_status
@@ -34,7 +34,7 @@ def assert_layout_holds(layout: Path, content: Image | ImageIndex, tag: str = "v
     assert read_oci_layout(layout, tag)["digest"] == content.top_digest
     for digest, data in {**content.blobs(), **content.manifests()}.items():
         stored = layout_blob(layout, digest)
-        assert sha256_digest(stored) == digest
+        assert sha256(stored) == digest
         assert stored == data, f"{digest} differs after the pull through the proxy"
 
 

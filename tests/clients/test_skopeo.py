@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.digests import sha256
 from tests.support.images import (
     OCI_INDEX,
     OCI_MANIFEST,
@@ -20,7 +21,6 @@ from tests.support.images import (
     make_image,
     make_index,
     read_oci_layout,
-    sha256_digest,
     write_oci_layout,
 )
 from tests.support.processes import RegistryServer
@@ -47,7 +47,7 @@ def assert_layout_holds(layout: Path, content: Image | ImageIndex) -> None:
     """Every manifest and blob of ``content`` is in ``layout``, byte for byte."""
     for digest, data in {**content.blobs(), **content.manifests()}.items():
         stored = layout_blob(layout, digest)
-        assert sha256_digest(stored) == digest
+        assert sha256(stored) == digest
         assert stored == data, f"{digest} differs after the round trip"
 
 
@@ -146,7 +146,7 @@ def test_inspect(
     assert info["Labels"] == {"org.regproxy.test.seed": "skopeo-image"}
     # --config --raw reads the config blob itself.
     config = skopeo("inspect", "--tls-verify=false", "--config", "--raw", ref).stdout
-    assert sha256_digest(config.encode()) == img.config_digest
+    assert sha256(config.encode()) == img.config_digest
 
 
 def test_list_tags(

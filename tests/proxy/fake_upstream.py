@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import itertools
 import json
 import os
@@ -33,6 +32,8 @@ from typing import Any, Literal
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
+
+from tests.support.digests import sha256
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -54,11 +55,6 @@ _TAGS_PATH = re.compile(r"^/v2/(?P<name>.+)/tags/list$")
 _REFERRERS_PATH = re.compile(r"^/v2/(?P<name>.+)/referrers/(?P<ref>[^/]+)$")
 _CDN_PATH = re.compile(r"^/cdn/(?P<ref>[^/]+)$")
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)")
-
-
-def sha256(data: bytes) -> str:
-    """`sha256:<hex>` of `data`."""
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 @dataclass

@@ -13,7 +13,6 @@ which docker, podman and containerd verify on unpack.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import random
@@ -22,6 +21,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .digests import sha256
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -39,11 +40,6 @@ _CREATED = "2023-11-14T22:13:20Z"
 
 DEFAULT_LAYER_SIZES: tuple[int, ...] = (256 * 1024, 1024 * 1024, 64 * 1024)
 DEFAULT_PLATFORMS: tuple[tuple[str, str], ...] = (("linux", "amd64"), ("linux", "arm64"))
-
-
-def sha256_digest(data: bytes) -> str:
-    """Return the ``sha256:<hex>`` content digest of ``data``."""
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -84,12 +80,12 @@ class Layer:
     @property
     def digest(self) -> str:
         """Digest of the compressed blob, as referenced by manifests."""
-        return sha256_digest(self.blob)
+        return sha256(self.blob)
 
     @property
     def diff_id(self) -> str:
         """Digest of the uncompressed tar, as listed in the config's ``rootfs.diff_ids``."""
-        return sha256_digest(self.tar)
+        return sha256(self.tar)
 
     @property
     def size(self) -> int:
@@ -112,7 +108,7 @@ class Image:
 
     @property
     def config_digest(self) -> str:
-        return sha256_digest(self.config)
+        return sha256(self.config)
 
     @property
     def image_id(self) -> str:
@@ -121,7 +117,7 @@ class Image:
 
     @property
     def manifest_digest(self) -> str:
-        return sha256_digest(self.manifest)
+        return sha256(self.manifest)
 
     @property
     def layer_digests(self) -> list[str]:
@@ -171,7 +167,7 @@ class ImageIndex:
 
     @property
     def digest(self) -> str:
-        return sha256_digest(self.index)
+        return sha256(self.index)
 
     @property
     def top_digest(self) -> str:
@@ -285,7 +281,7 @@ def make_image(
     manifest_obj: dict[str, Any] = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
-        "config": Descriptor(OCI_CONFIG, sha256_digest(config), len(config)).to_json(),
+        "config": Descriptor(OCI_CONFIG, sha256(config), len(config)).to_json(),
         "layers": [layer.descriptor.to_json() for layer in layers],
     }
     if annotations:

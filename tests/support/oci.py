@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -16,6 +15,8 @@ from aiohttp.test_utils import TestClient
 from regproxy import manifest as mf
 from regproxy.config import Config
 
+from .digests import sha256
+
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
@@ -23,10 +24,6 @@ DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 EMPTY_CONFIG = "application/vnd.oci.empty.v1+json"
 EMPTY_BYTES = b"{}"
 ARCHES = ("amd64", "arm64", "s390x", "ppc64le", "riscv64", "386")
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def descriptor(media_type: str, data: bytes, **extra: Any) -> dict[str, Any]:

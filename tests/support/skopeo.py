@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 from .containers_conf import write_containers_config
-from .images import sha256_digest
+from .digests import sha256
 from .tools import require_tool, run
 
 
@@ -46,7 +46,7 @@ class Skopeo:
         return self("inspect", "--raw", "--tls-verify=false", ref).stdout.encode()
 
     def inspect_raw_digest(self, ref: str) -> str:
-        return sha256_digest(self.inspect_raw(ref))
+        return sha256(self.inspect_raw(ref))
 
     def inspect(self, ref: str) -> dict[str, object]:
         """``skopeo inspect`` JSON (digest, layers, ...) of a registry reference."""
