@@ -16,7 +16,7 @@ from regproxy import __version__
 from regproxy import config as config_mod
 from regproxy.errors import ConfigError
 
-EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+EXIT_PROBLEMS, EXIT_USAGE = 1, 2
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> None:

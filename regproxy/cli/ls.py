@@ -50,34 +50,6 @@ from regproxy.storage.inventory import (
     inventory,
 )
 
-JSON_KEYS = ("stores", "repositories")
-REPOSITORY_KEYS = (
-    "name",
-    "kind",
-    "upstream",
-    "remote",
-    "size",
-    "unique_size",
-    "shared_size",
-    "updated",
-    "last_pulled",
-    "last_revalidated",
-    "tags",
-    "manifests",
-)
-TAG_KEYS = ("tag", "digest", "updated", "media_type", "platforms", "size")
-MANIFEST_KEYS = (
-    "digest",
-    "media_type",
-    "artifact_type",
-    "platforms",
-    "size",
-    "tags",
-    "pushed",
-    "complete",
-    "children",
-)
-
 NO_TAG = "<none>"
 _SHORT_TYPES = {
     mf.OCI_INDEX: "oci index",

@@ -46,26 +46,6 @@ from regproxy.errors import ConfigError
 if TYPE_CHECKING:
     from regproxy.proxy.prefetch import ImageResult
 
-JSON_KEYS = ("ok", "failed", "bytes_fetched", "seconds", "images")
-IMAGE_KEYS = (
-    "image",
-    "repository",
-    "upstream",
-    "reference",
-    "ok",
-    "error",
-    "digest",
-    "media_type",
-    "cache_status",
-    "platforms",
-    "manifests",
-    "blobs",
-    "blobs_cached",
-    "blobs_fetched",
-    "bytes_fetched",
-    "seconds",
-)
-
 
 @click.command()
 @config_option

@@ -37,20 +37,6 @@ from regproxy.cli.render import (
 from regproxy.storage import verify as verify_mod
 from regproxy.storage.runs import record_run
 
-JSON_KEYS = (
-    "ok",
-    "repair",
-    "workers",
-    "blobs_hashed",
-    "bytes_hashed",
-    "hash_seconds",
-    "throughput",
-    "seconds",
-    "stores",
-    "problems",
-)
-PROBLEM_KEYS = ("store", "kind", "path", "message", "digest", "repair", "needed_by")
-
 
 class _Bar:
     """Adapts `storage.verify.Progress` to one rich task (rich's `advance` is thread-safe)."""
