@@ -19,8 +19,8 @@ from aiohttp.test_utils import TestClient
 
 from regproxy.config import Config
 from tests.auth.helpers import PASSWORDS, auth_config
-from tests.conftest import make_config, start_client
 from tests.support.digests import sha256
+from tests.support.inprocess import make_config, start_client
 from tests.support.oci import Image, make_image
 
 LOCAL_REPOS = ("public/app", "alice/app", "misc/app")

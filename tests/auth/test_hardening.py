@@ -23,8 +23,8 @@ from regproxy.server.app import create_app
 from tests.auth.conftest import RegistryFactory
 from tests.auth.helpers import PASSWORDS, Caller, auth_config, challenge_params
 from tests.auth.tree import all_files, bad_blobs, unexpected_paths
-from tests.conftest import make_config
 from tests.support.digests import sha256
+from tests.support.inprocess import make_config
 
 ROOT_AUTH = (
     "Authorization: Basic " + base64.b64encode(f"root:{PASSWORDS['root']}".encode()).decode()

@@ -16,10 +16,10 @@ import pytest
 from regproxy.config import LogConfig
 from regproxy.server import logs
 from tests.auth.helpers import auth_config, basic
-from tests.conftest import make_config, start_client
 from tests.proxy.conftest import fetch
 from tests.proxy.fake_upstream import FakeUpstream
 from tests.support.access_log import AccessLog
+from tests.support.inprocess import make_config, start_client
 from tests.support.oci import push_blob, sha256
 from tests.support.processes import RegproxyProcess
 

@@ -23,8 +23,8 @@ from aiohttp.test_utils import TestClient
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from regproxy.config import Config
-from tests.conftest import make_config, start_client
 from tests.proxy.fake_upstream import FakeUpstream
+from tests.support.inprocess import make_config, start_client
 
 CACHE_STATUS = "X-Cache-Status"
 CACHE_STATUSES = frozenset({"HIT", "MISS", "REVALIDATED", "STALE"})

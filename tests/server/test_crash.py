@@ -25,7 +25,7 @@ from aiohttp.test_utils import TestClient
 
 from regproxy.config import Config
 from regproxy.server.keys import CONFIG
-from tests.conftest import make_config, start_client
+from tests.support.inprocess import make_config, start_client
 from tests.support.oci import (
     Image,
     blob_files,

@@ -30,7 +30,7 @@ from regproxy.server.uploads import SESSION_LOCKS
 from regproxy.sockbody import BLOCK, DIRECT_MIN
 from regproxy.storage import uploads as uploads_mod
 from tests.auth.certs import TestCA
-from tests.conftest import make_config
+from tests.support.inprocess import make_config
 from tests.support.oci import assert_error, envelope_codes, sha256, stored_files
 
 MIB = 1024 * 1024
