@@ -51,6 +51,11 @@ def remote_name(upstream: str, name: str) -> str:
     return name
 
 
+def under_prefix(name: str, prefix: str) -> bool:
+    """Whether `name` is in the proxy namespace: the prefix itself or anything below it."""
+    return name == prefix or name.startswith(prefix + "/")
+
+
 def split_proxy_name(
     name: str, prefix: str, upstreams: frozenset[str] | set[str]
 ) -> ProxyName | None:
@@ -58,9 +63,9 @@ def split_proxy_name(
 
     An upstream that is not configured is `NAME_UNKNOWN`: it is never dialled.
     """
-    head, sep, rest = name.partition("/")
-    if head != prefix or not sep:
+    if not under_prefix(name, prefix):
         return None
+    _, _, rest = name.partition("/")
     upstream, sep, remote = rest.partition("/")
     if not sep or not remote:
         raise NameUnknown(f"{name!r} names no image under an upstream", detail={"name": name})

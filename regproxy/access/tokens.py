@@ -1,7 +1,8 @@
 """Short-lived signed bearer tokens (compact JWS, HS256) for the Docker token flow.
 
 A token names its subject (user or empty for anonymous), the service it is for,
-its expiry and the repository actions it grants. Signatures are compared in
+its expiry, the repository actions it grants and a stamp of the subject's
+password entry (so a removed user or a changed password ends its tokens). Signatures are compared in
 constant time; anything malformed, expired, for another service or tampered
 with is rejected as a whole.
 """
@@ -33,6 +34,7 @@ class Grant:
     subject: str | None
     access: dict[str, frozenset[str]]  # repository name → actions
     expires: float
+    stamp: str | None = None  # the subject's password-entry stamp when it was issued
 
     def permits(self, name: str, action: str) -> bool:
         return action in self.access.get(name, frozenset())
@@ -48,7 +50,11 @@ class TokenSigner:
         return _b64(hmac.new(self.key, message, hashlib.sha256).digest())
 
     def issue(
-        self, subject: str | None, access: dict[str, list[str]], now: float | None = None
+        self,
+        subject: str | None,
+        access: dict[str, list[str]],
+        now: float | None = None,
+        stamp: str | None = None,
     ) -> tuple[str, int]:
         """A token and its lifetime in seconds."""
         now = time.time() if now is None else now
@@ -65,12 +71,16 @@ class TokenSigner:
                 for name, actions in access.items()
             ],
         }
+        if stamp is not None:
+            claims["stm"] = stamp
         payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
         signing_input = f"{_HEADER}.{payload}"
         return f"{signing_input}.{self._sign(signing_input.encode())}", lifetime
 
     def verify(self, token: str, now: float | None = None) -> Grant | None:
         """The grant of a valid token, or None."""
+        if not token.isascii():  # header bytes beyond ASCII: never one of ours
+            return None
         parts = token.split(".")
         if len(parts) != 3 or parts[0] != _HEADER:
             return None
@@ -94,4 +104,10 @@ class TokenSigner:
                 if isinstance(name, str) and isinstance(actions, list):
                     access[name] = frozenset(a for a in actions if isinstance(a, str))
         subject = claims.get("sub") or None
-        return Grant(subject if isinstance(subject, str) else None, access, float(exp))
+        stamp = claims.get("stm")
+        return Grant(
+            subject if isinstance(subject, str) else None,
+            access,
+            float(exp),
+            stamp if isinstance(stamp, str) else None,
+        )

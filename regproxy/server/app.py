@@ -154,6 +154,11 @@ def create_app(config: Config) -> web.Application:
     )
     if authenticator is not None:
         app[auth.AUTH] = authenticator
+
+        async def close_authenticator(_app: web.Application) -> None:
+            authenticator.close()
+
+        app.on_cleanup.append(close_authenticator)
     app[CONFIG] = config
     app[uploads.SESSION_LOCKS] = weakref.WeakValueDictionary()
     app.cleanup_ctx.append(_resources)

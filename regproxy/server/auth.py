@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -21,10 +22,15 @@ from aiohttp import web
 
 from regproxy.access.htpasswd import Htpasswd
 from regproxy.access.policy import Policy
+from regproxy.access.throttle import FailureThrottle
 from regproxy.access.tokens import Grant, TokenSigner
 from regproxy.config import Config
-from regproxy.errors import Denied, RegistryError, Unauthorized
-from regproxy.server.keys import CONFIG, MAY, OFFLOAD, USER
+from regproxy.errors import Denied, RegistryError, TooManyRequests, Unauthorized
+from regproxy.reference import ProxyName, under_prefix
+from regproxy.server.keys import CONFIG, MAY, USER
+from regproxy.server.names import resolve
+from regproxy.server.peer import client_address
+from regproxy.storage.aio import Offload
 
 TOKEN_PATH = "/auth/token"
 #: a scope that can go into the challenge as it is: printable ASCII without space, `"` or `\`
@@ -40,8 +46,15 @@ class Identity:
     grant: Grant | None = None  # a bearer token's grant
 
 
+#: bcrypt checks run on their own small pool, never on the storage threads: a flood of
+#: wrong passwords must not delay a push. Checks beyond `MAX_PENDING_CHECKS` waiting at
+#: once are refused (429) instead of queued without end.
+PASSWORD_THREADS = 2
+MAX_PENDING_CHECKS = 16
+
+
 class Authenticator:
-    """Everything auth needs for one app: users, policy, token signer."""
+    """Everything auth needs for one app: users, policy, token signer, sign-in limits."""
 
     def __init__(self, config: Config) -> None:
         auth = config.auth
@@ -53,23 +66,49 @@ class Authenticator:
         self.policy = Policy(auth, config.proxy.prefix)
         self.signer = TokenSigner(auth.signing_key(), auth.service, auth.token_ttl)
         self.actions: dict[tuple[Handler, str], str] = {}
+        self.throttle = FailureThrottle()
+        self.hashing = Offload(PASSWORD_THREADS, "regproxy-bcrypt")
+        self.pending_checks = 0
 
     def requires(self, handler: Handler, method: str, kind: str) -> None:
         self.actions[(handler, method)] = kind
         if method == "GET":
             self.actions[(handler, "HEAD")] = kind
 
+    def close(self) -> None:
+        self.hashing.close()
+
     # ---- identifying the caller ---------------------------------------------------------
 
     async def check_password(self, request: web.Request, user: str, password: str) -> bool:
+        """Whether the password is right: remembered checks at once, others on the bcrypt
+        pool, bounded overall and per client (429 when over either limit)."""
         if self.htpasswd.cached(user, password):
             return True
-        return await request.app[OFFLOAD].run(self.htpasswd.check, user, password)
+        client = client_address(request)
+        wait = self.throttle.retry_after(client)
+        if wait > 0:
+            raise TooManyRequests(
+                "too many failed sign-ins from this address",
+                headers={"Retry-After": str(math.ceil(wait))},
+            )
+        if self.pending_checks >= MAX_PENDING_CHECKS:
+            raise TooManyRequests("too many sign-ins at once", headers={"Retry-After": "1"})
+        self.pending_checks += 1
+        try:
+            ok = await self.hashing.run(self.htpasswd.check, user, password)
+        finally:
+            self.pending_checks -= 1
+        if not ok:
+            self.throttle.failed(client)
+        return ok
 
     async def basic_user(self, request: web.Request, value: str) -> str:
         try:
+            if not value.isascii():  # base64 is ASCII; anything else is no credential
+                raise ValueError
             decoded = base64.b64decode(value, validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError):
+        except (binascii.Error, ValueError):
             raise self.challenge(request, None, "malformed Basic credentials") from None
         user, sep, password = decoded.partition(":")
         if not sep or not await self.check_password(request, user, password):
@@ -86,10 +125,14 @@ class Authenticator:
             return Identity(await self.basic_user(request, value.strip()))
         if scheme == "bearer" and self.mode == "token":
             grant = self.signer.verify(value.strip())
-            if grant is None:
+            if grant is None or not self.still_valid(grant):
                 raise self.challenge(request, None, "invalid or expired token", "invalid_token")
             return Identity(grant.subject, grant)
         raise self.challenge(request, None, "unsupported authorization scheme")
+
+    def still_valid(self, grant: Grant) -> bool:
+        """A user's token dies with their password entry (removed, or the password changed)."""
+        return grant.subject is None or grant.stamp == self.htpasswd.stamp(grant.subject)
 
     # ---- answers ------------------------------------------------------------------------
 
@@ -110,7 +153,10 @@ class Authenticator:
         if self.mode == "basic":
             header = f'Basic realm="{self.service}"'
         else:
-            header = f'Bearer realm="{self.base_url(request)}{TOKEN_PATH}",service="{self.service}"'
+            realm = self.base_url(request)
+            if not _HEADER_SAFE.fullmatch(realm.replace(" ", "")):
+                realm = f"{request.scheme}://{request.host}"
+            header = f'Bearer realm="{realm}{TOKEN_PATH}",service="{self.service}"'
             if scope and _HEADER_SAFE.fullmatch(scope):
                 header += f',scope="{scope}"'
             if error:
@@ -137,8 +183,13 @@ class Authenticator:
                 request[MAY] = lambda action, name: self.policy.allows(user, action, name)
             return
         name = request.match_info.get("name", "")
-        prefix = self.config.proxy.prefix
-        proxied = "ns" in request.query or name == prefix or name.startswith(prefix + "/")
+        try:
+            # the very target the handler will route by (names.resolve remembers it)
+            proxied = isinstance(resolve(request, write=kind != "pull"), ProxyName)
+        except RegistryError:
+            # a request no route can serve: the handler answers with this same error,
+            # once the caller has passed the checks its name calls for
+            proxied = under_prefix(name, self.config.proxy.prefix)
         if self.policy.allows(identity.user, kind, name, proxied):
             if identity.grant is None or identity.grant.permits(name, kind):
                 return
@@ -211,12 +262,13 @@ async def token_endpoint(request: web.Request) -> web.Response:
     prefix = request.app[CONFIG].proxy.prefix
     access: dict[str, list[str]] = {}
     for name, wanted in _scopes(request, posted):
-        proxied = name == prefix or name.startswith(prefix + "/")
+        proxied = under_prefix(name, prefix)
         granted = auth.policy.granted(user, name, wanted, proxied)
         if granted:
             access.setdefault(name, [])
             access[name] = sorted(set(access[name]) | set(granted))
-    token, lifetime = auth.signer.issue(user, access)
+    stamp = None if user is None else auth.htpasswd.stamp(user)
+    token, lifetime = auth.signer.issue(user, access, stamp=stamp)
     issued = datetime.fromtimestamp(time.time(), timezone.utc).isoformat()
     return web.json_response(
         {"token": token, "access_token": token, "expires_in": lifetime, "issued_at": issued}

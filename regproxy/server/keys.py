@@ -24,3 +24,6 @@ USER = web.RequestKey("user", str)
 MAY = web.RequestKey("may", Callable)
 #: per request: the body was read past aiohttp, so the connection closes after the answer
 CLOSE_AFTER = web.RequestKey("close_after", bool)
+#: per request: (resolved as a write?, the repository or upstream image, or the error
+#: naming it raised), computed once by `names.resolve` for auth and routing alike
+TARGET = web.RequestKey("target", tuple)

@@ -44,8 +44,8 @@ INLINE_SAFE = frozenset(
 class Offload:
     """A bounded thread pool for blocking storage work."""
 
-    def __init__(self, workers: int = 16) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="regproxy-io")
+    def __init__(self, workers: int = 16, name: str = "regproxy-io") -> None:
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         loop = asyncio.get_running_loop()

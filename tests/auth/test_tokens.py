@@ -183,7 +183,9 @@ async def test_token_for_another_service_or_key(
     monkeypatch.setenv("RP_TEST_KEY_ONE", "one key for two servers")
     monkeypatch.setenv("RP_TEST_KEY_TWO", "another key")
     first = await registry_factory(auth={"signing_key_env": "RP_TEST_KEY_ONE"})
-    same = await registry_factory(auth={"signing_key_env": "RP_TEST_KEY_ONE"})
+    # a restarted server or a second replica: the same key and the same htpasswd file
+    shared = {"signing_key_env": "RP_TEST_KEY_ONE", "htpasswd": str(first.config.auth.htpasswd)}
+    same = await registry_factory(auth=shared)
     other_service = await registry_factory(
         auth={"signing_key_env": "RP_TEST_KEY_ONE", "service": "elsewhere"}
     )
