@@ -104,6 +104,9 @@ class ServerConfig:
     max_uploads_per_client: int = 100
     #: a request body that sends nothing for this long is cut off (slow clients)
     body_timeout: Duration = Duration(60)
+    #: after `body_timeout`, a request body averaging fewer bytes per second than this is
+    #: cut off (a trickle that never quite stalls); 0 turns the rule off
+    body_min_rate: ByteSize = ByteSize(1024)
     #: large uploads: bytes past the first 64 MiB bypass the page cache (O_DIRECT); turn
     #: off where direct I/O is slow, such as temporary storage on NFS
     direct_writes: bool = True

@@ -54,6 +54,11 @@ class BodyTimeout(Exception):
     """The peer sent nothing for the idle timeout."""
 
 
+class BodyTooSlow(BodyTimeout):
+    """After a grace period, the peer averaged less than the minimum rate (a trickle that
+    never stalls long enough for the idle timeout): handled like a stall."""
+
+
 class BodyTruncated(ConnectionResetError):
     """The peer closed the connection before the announced length."""
 
@@ -173,35 +178,73 @@ class _Consumer(threading.Thread):
             self.release(index)
 
 
-def _wait_readable(fd: int, idle_timeout: float, since: float, stop: threading.Event) -> None:
+class _Pace:
+    """When to give up on the peer: silent for `idle_timeout`, or, once `idle_timeout` has
+    passed, averaging less than `min_rate` bytes/s (0: no rate rule).
+
+    The rate's clock leaves out time the pump spent waiting for its consumers: a slow disk
+    is not the peer's fault."""
+
+    def __init__(self, idle_timeout: float, min_rate: float) -> None:
+        self.idle_timeout = idle_timeout
+        self.min_rate = min_rate
+        self.received = 0
+        self.started = self.last = time.monotonic()
+        self.paused = 0.0
+
+    def pause(self, seconds: float) -> None:
+        """The pump waited `seconds` for a free buffer; the idle clock restarts too."""
+        self.paused += seconds
+        self.last = time.monotonic()
+
+    def got(self, n: int) -> None:
+        self.received += n
+        self.last = time.monotonic()
+
+    def left(self) -> float:
+        """Seconds until the peer is cut off unless more arrives; raises once it is."""
+        now = time.monotonic()
+        left = self.idle_timeout - (now - self.last)
+        if left <= 0:
+            raise BodyTimeout(f"no body data for {self.idle_timeout:g} s")
+        if self.min_rate > 0:
+            clock = now - self.started - self.paused
+            # the average stays above `min_rate` until received / min_rate
+            rate_left = max(self.idle_timeout, self.received / self.min_rate) - clock
+            if rate_left <= 0:
+                raise BodyTooSlow(
+                    f"body arriving at {self.received / clock:.0f} bytes/s, "
+                    f"below the minimum of {self.min_rate:g}"
+                )
+            left = min(left, rate_left)
+        return left
+
+
+def _wait_readable(fd: int, pace: _Pace, stop: threading.Event) -> None:
     poller = select.poll()
     poller.register(fd, select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR)
     while True:
         if stop.is_set():
             raise BodyStopped("stopped")
-        left = idle_timeout - (time.monotonic() - since)
-        if left <= 0:
-            raise BodyTimeout(f"no body data for {idle_timeout:g} s")
-        if poller.poll(min(left, _POLL_SLICE) * 1000):
+        if poller.poll(min(pace.left(), _POLL_SLICE) * 1000):
             return
 
 
-def _fill(fd: int, view: memoryview, idle_timeout: float, stop: threading.Event) -> int:
+def _fill(fd: int, view: memoryview, pace: _Pace, stop: threading.Event) -> int:
     """Fill `view` from the socket; return how much arrived. Raises as `pump` says, with
     the bytes that did arrive in the exception's `filled`."""
     filled = 0
-    since = time.monotonic()
     try:
         while filled < len(view):
             try:
                 n = os.readv(fd, [view[filled:]])
             except (BlockingIOError, InterruptedError):
-                _wait_readable(fd, idle_timeout, since, stop)
+                _wait_readable(fd, pace, stop)
                 continue
             if n == 0:
                 raise BodyTruncated("the connection closed before the end of the body")
             filled += n
-            since = time.monotonic()
+            pace.got(n)
     except (BodyTimeout, BodyStopped, OSError) as exc:
         exc.filled = filled  # type: ignore[attr-defined]
         raise
@@ -219,6 +262,7 @@ def pump(
     consumers: Sequence[Consumer],
     idle_timeout: float,
     *,
+    min_rate: float = 0.0,
     position: int = 0,
     block: int = BLOCK,
     depth: int = DEPTH,
@@ -229,6 +273,10 @@ def pump(
     socket order. Blocks are page-aligned memory and, counting from `position` (where the
     first byte lands in the consumers' file), every block but the first starts at a
     multiple of `block`: a writer can send them past the page cache (`O_DIRECT`).
+
+    The peer is cut off (`BodyTimeout`) when it sends nothing for `idle_timeout`, and
+    (`BodyTooSlow`) when, `idle_timeout` after the start, it averages less than
+    `min_rate` bytes/s: a byte every few seconds must not hold a reader thread forever.
 
     Returns the bytes read; raises `BodyTimeout`, `BodyTruncated`, `BodyStopped`, an
     `OSError` from the socket, or the first consumer's error (after every consumer
@@ -258,16 +306,19 @@ def pump(
         worker.start()
     total = 0
     want = block - position % block
+    pace = _Pace(idle_timeout, min_rate)
     try:
         while total < body.remaining:
+            waited = time.monotonic()
             index = free.get()
+            pace.pause(time.monotonic() - waited)
             if body.stop.is_set():
                 raise BodyStopped("stopped")
             if any(worker.error is not None for worker in workers):
                 break
             view = buffers[index][: min(want, size, body.remaining - total)]
             try:
-                _fill(body.fd, view, idle_timeout, body.stop)
+                _fill(body.fd, view, pace, body.stop)
             except (BodyTimeout, BodyStopped, OSError) as exc:
                 # what did arrive is kept (an upload can resume after it), then the error
                 if filled := getattr(exc, "filled", 0):

@@ -27,6 +27,7 @@ from regproxy.sockbody import (
     DIRECT_MIN,
     BodyStopped,
     BodyTimeout,
+    BodyTooSlow,
     BodyTruncated,
     TakenBody,
     direct_length,
@@ -311,6 +312,57 @@ def test_the_idle_timeout_counts_from_the_last_data(pair: Pair) -> None:
     taken = pair.body(len(data))
     pair.send(data, pace=0.04)  # 15 pieces over ~0.6 s, more than the 0.4 s timeout
     assert run_pump(taken, [collector], 0.4, block=65536) == len(data)
+    assert collector.data == data
+
+
+def test_a_peer_below_the_minimum_rate_is_cut_after_the_grace_period(pair: Pair) -> None:
+    """100 bytes every 0.1 s never trips the 0.3 s idle timeout, but averages 1000 bytes/s
+    against a minimum of 5000: cut off once the grace period (the idle timeout) is over."""
+    data = os.urandom(3000)
+    collector = Collector()
+    taken = pair.body(len(data))
+    pair.send(data, pace=0.1)
+    started = time.monotonic()
+    with pytest.raises(BodyTooSlow):
+        run_pump(taken, [collector], 0.3, min_rate=5000, block=65536)
+    elapsed = time.monotonic() - started
+    assert 0.25 <= elapsed < 1.5, elapsed
+    assert collector.data and data.startswith(collector.data), "what arrived is handed on"
+    assert body_threads() == []
+
+
+def test_a_peer_above_the_minimum_rate_is_not_cut(pair: Pair) -> None:
+    data = os.urandom(1500)
+    collector = Collector()
+    taken = pair.body(len(data))
+    pair.send(data, pace=0.1)  # 1000 bytes/s for ~1.5 s, five times the grace period
+    assert run_pump(taken, [collector], 0.3, min_rate=500, block=65536) == len(data)
+    assert collector.data == data
+
+
+def test_time_spent_waiting_for_consumers_is_not_held_against_the_peer(pair: Pair) -> None:
+    """A slow disk (here: a consumer taking 0.3 s a block) does not make a fast peer slow.
+
+    Five blocks arrive at once, the sixth after 1.4 s; the pump, held up by its consumer
+    until about 1.2 s, then waits for the peer with 20 KiB received: 17 KB/s over the
+    wall clock, below the 50 KB/s minimum, yet the peer was waited for only 0.2 s."""
+    block = 4096
+    data = os.urandom(6 * block)
+    collector = Collector()
+
+    def sluggish(view: memoryview) -> None:
+        time.sleep(0.3)
+        collector(view)
+
+    taken = pair.body(len(data))
+    pair.send(data[: 5 * block])
+    late = threading.Timer(1.4, pair.peer.sendall, [data[5 * block :]])
+    late.start()
+    try:
+        got = run_pump(taken, [sluggish], 0.5, min_rate=50_000, block=block, depth=2)
+    finally:
+        late.join()
+    assert got == len(data)
     assert collector.data == data
 
 

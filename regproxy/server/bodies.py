@@ -18,19 +18,42 @@ _CONTENT_RANGE = re.compile(r"(?:bytes[ =])?(\d{1,18})-(\d{1,18})(?:/(?:\d{1,18}
 
 
 async def pieces(request: web.Request) -> AsyncIterator[bytes]:
-    """The body as it arrives; a client that sends nothing for `body_timeout` is cut off."""
-    timeout = request.app[CONFIG].server.body_timeout
+    """The body as it arrives. A client is cut off when it sends nothing for
+    `body_timeout`, or when, after that long, it averages less than `body_min_rate`
+    bytes/s: a byte every few seconds never trips the idle timeout, yet would hold the
+    connection (and its upload session) for ever.
+
+    The rate's clock runs only while this waits for the client: time the caller spends
+    storing what arrived is not the client's fault."""
+    server = request.app[CONFIG].server
+    timeout, min_rate = server.body_timeout, server.body_min_rate
     content = request.content
+    loop = asyncio.get_running_loop()
+    received = 0
+    waited = 0.0
     while True:
+        wait = timeout
+        if min_rate > 0:
+            # the average stays above `min_rate` until received / min_rate
+            wait = min(wait, max(timeout, received / min_rate) - waited)
+        started = loop.time()
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(max(wait, 0.0)):
                 data = await content.readany()
         except TimeoutError:
             if request.transport is not None:
                 request.transport.close()
+            if wait < timeout:
+                waited += loop.time() - started
+                raise BlobUploadInvalid(
+                    f"body arriving at {received / waited:.0f} bytes/s, "
+                    f"below the minimum of {min_rate}"
+                ) from None
             raise BlobUploadInvalid(f"no body data for {timeout:g} s") from None
+        waited += loop.time() - started
         if not data:
             return
+        received += len(data)
         yield data
 
 

@@ -90,17 +90,19 @@ async def _receive(request: web.Request, session: UploadSession) -> int:
     return received
 
 
-def _pump_into(uploads: Uploads, session: UploadSession, taken: TakenBody, timeout: float) -> int:
+def _pump_into(
+    uploads: Uploads, session: UploadSession, taken: TakenBody, timeout: float, min_rate: int
+) -> int:
     """In a worker thread: the socket's bytes appended to and hashed into the session."""
     with uploads.appender(session) as append:
         consumers = [append, lambda block: uploads.hash(session, [block])]
-        return pump(taken, consumers, timeout, position=session.offset)
+        return pump(taken, consumers, timeout, min_rate=min_rate, position=session.offset)
 
 
 async def _receive_direct(request: web.Request, session: UploadSession, taken: TakenBody) -> int:
     """The body read by `sockbody.pump`: threads read, write and hash it."""
     uploads = request.app[UPLOADS]
-    timeout = request.app[CONFIG].server.body_timeout
+    server = request.app[CONFIG].server
     received = sum(len(piece) for piece in taken.head)
     try:
         if taken.head:
@@ -110,12 +112,14 @@ async def _receive_direct(request: web.Request, session: UploadSession, taken: T
         raise
     if not taken.remaining:
         return received
-    work = functools.partial(_pump_into, uploads, session, taken, timeout)
+    work = functools.partial(
+        _pump_into, uploads, session, taken, server.body_timeout, server.body_min_rate
+    )
     try:
         # cancelled (shutdown): the pump stops on its own; the caller may drop the
         # session meanwhile, as its writer keeps its own descriptors
         await drive(taken, work, wait_when_cancelled=False)
-    except BodyTimeout as exc:
+    except BodyTimeout as exc:  # BodyTooSlow included
         raise BlobUploadInvalid(str(exc)) from None
     return received + taken.remaining
 
