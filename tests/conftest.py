@@ -9,6 +9,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from regproxy.config import Config
+from tests.support.fake_upstream import FakeUpstream
 
 # make_config and start_client moved to tests.support.inprocess; importers in tests/cli,
 # tests/ops/test_health.py, tests/ops/test_metrics.py and tests/server/test_body_rate.py
@@ -47,3 +48,14 @@ def podman(tmp_path: Path) -> Iterator[Podman]:
         yield instance
     finally:
         instance.close()
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeUpstream]:
+    """A fault-injecting upstream on 127.0.0.1 (registry port + CDN port)."""
+    upstream = FakeUpstream()
+    await upstream.start()
+    try:
+        yield upstream
+    finally:
+        await upstream.close()

@@ -7,7 +7,7 @@ import json
 import logging
 import re
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +16,13 @@ import pytest
 from regproxy.config import LogConfig
 from regproxy.server import logs
 from tests.auth.helpers import auth_config, basic
-from tests.proxy.conftest import fetch
-from tests.proxy.fake_upstream import FakeUpstream
 from tests.support.access_log import AccessLog
+from tests.support.digests import sha256
+from tests.support.fake_upstream import FakeUpstream
 from tests.support.inprocess import make_config, start_client
-from tests.support.oci import push_blob, sha256
+from tests.support.oci import push_blob
 from tests.support.processes import RegproxyProcess
+from tests.support.proxy import fetch
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -87,16 +88,6 @@ def json_logs() -> Iterator[Captured]:
 @pytest.fixture
 def text_logs() -> Iterator[Captured]:
     yield from _capture(logs.TextFormatter())
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeUpstream]:
-    upstream = FakeUpstream()
-    await upstream.start()
-    try:
-        yield upstream
-    finally:
-        await upstream.close()
 
 
 async def test_json_access_lines_carry_every_field(

@@ -1,203 +1,26 @@
-"""Fixtures for the proxy tests: a fault-injecting upstream and regproxy in front of it.
+"""Fixtures for the proxy tests: regproxy in front of the fault-injecting `fake` upstream.
 
 `make_proxy(...)` starts an in-process regproxy (a real server on 127.0.0.1:0)
-whose only upstream, `fake`, is the `fake` fixture; keyword arguments adjust
-the upstream table, the `[proxy]` table and top-level keys. Helpers here read
-responses with a timeout and never let a test hang.
+whose only upstream, `fake`, is the `fake` fixture of `tests/conftest.py`; keyword
+arguments adjust the upstream table, the `[proxy]` table and top-level keys.
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
-import json
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
-from multidict import CIMultiDict, CIMultiDictProxy
 
-from regproxy.config import Config
-from tests.proxy.fake_upstream import FakeUpstream
+from tests.support.fake_upstream import FakeUpstream
 from tests.support.inprocess import make_config, start_client
 
-CACHE_STATUS = "X-Cache-Status"
-CACHE_STATUSES = frozenset({"HIT", "MISS", "REVALIDATED", "STALE"})
-#: upper bound for one request through the proxy in these tests (seconds)
-REQUEST_TIMEOUT = 15.0
-
-
-@dataclass
-class Pulled:
-    """A response read to the end (or to the point where it broke)."""
-
-    status: int
-    headers: CIMultiDictProxy[str]
-    body: bytes
-    error: BaseException | None = None
-
-    @property
-    def cache_status(self) -> str | None:
-        return self.headers.get(CACHE_STATUS)
-
-    @property
-    def complete(self) -> bool:
-        return self.error is None
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-    def oci_code(self) -> str | None:
-        """The first OCI error code of the body, None when it is not an OCI error."""
-        try:
-            return self.json()["errors"][0]["code"]
-        except (ValueError, KeyError, IndexError, TypeError):
-            return None
-
-
-async def fetch(
-    client: TestClient,
-    method: str,
-    path: str,
-    headers: dict[str, str] | None = None,
-    timeout: float = REQUEST_TIMEOUT,
-) -> Pulled:
-    """Send one request and read the whole body; a broken body is recorded, not raised."""
-
-    async def run() -> Pulled:
-        async with client.request(method, path, headers=headers) as resp:
-            chunks: list[bytes] = []
-            try:
-                async for chunk in resp.content.iter_chunked(256 * 1024):
-                    chunks.append(chunk)
-            except (aiohttp.ClientError, ConnectionError) as exc:
-                return Pulled(resp.status, resp.headers, b"".join(chunks), exc)
-            return Pulled(resp.status, resp.headers, b"".join(chunks))
-
-    try:
-        return await asyncio.wait_for(run(), timeout)
-    except (aiohttp.ClientError, ConnectionError) as exc:
-        # the connection broke before a status line arrived
-        return Pulled(0, CIMultiDictProxy(CIMultiDict()), b"", exc)
-
-
-async def wait_until(
-    predicate: Callable[[], bool | Awaitable[bool]],
-    timeout: float = 10.0,
-    interval: float = 0.05,
-    what: str = "condition",
-) -> None:
-    """Poll `predicate` until it is true; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(interval)
-
-
-def blob_file(root: Path, digest: str) -> Path:
-    """Where a store rooted at `root` keeps a blob (see `regproxy.storage.layout`)."""
-    algorithm, _, hexpart = digest.partition(":")
-    return root / "blobs" / algorithm / hexpart[:2] / hexpart
-
-
-def stored_blobs(root: Path) -> dict[str, int]:
-    """Digest → size of every blob file under a store root."""
-    found: dict[str, int] = {}
-    base = root / "blobs"
-    if not base.is_dir():
-        return found
-    for path in base.glob("*/*/*"):
-        if path.is_file() and not path.name.startswith("."):
-            found[f"{path.parent.parent.name}:{path.name}"] = path.stat().st_size
-    return found
-
-
-def snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    """Relative path → (size, mtime_ns) of every file under `root`."""
-    if not root.exists():
-        return {}
-    return {
-        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
-        for p in root.rglob("*")
-        if p.is_file()
-    }
-
-
-@dataclass
-class Proxy:
-    """A running regproxy and its configuration."""
-
-    client: TestClient
-    config: Config
-    upstream_name: str = "fake"
-    prefix: str = "p"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def path(self, repo: str, kind: str, ref: str, upstream: str | None = None) -> str:
-        """`/v2/p/<upstream>/<repo>/<kind>/<ref>`."""
-        return f"/v2/{self.prefix}/{upstream or self.upstream_name}/{repo}/{kind}/{ref}"
-
-    async def get(self, path: str, headers: dict[str, str] | None = None) -> Pulled:
-        return await fetch(self.client, "GET", path, headers)
-
-    async def head(self, path: str, headers: dict[str, str] | None = None) -> Pulled:
-        return await fetch(self.client, "HEAD", path, headers)
-
-    async def manifest(self, repo: str, ref: str, accept: str | None = None) -> Pulled:
-        headers = {"Accept": accept} if accept else {"Accept": ALL_MANIFEST_TYPES}
-        return await self.get(self.path(repo, "manifests", ref), headers)
-
-    async def blob(self, repo: str, digest: str, headers: dict[str, str] | None = None) -> Pulled:
-        return await self.get(self.path(repo, "blobs", digest), headers)
-
-    def cached_blobs(self) -> dict[str, int]:
-        return stored_blobs(self.config.proxy_storage)
-
-    def is_cached(self, digest: str) -> bool:
-        return blob_file(self.config.proxy_storage, digest).is_file()
-
-
-ALL_MANIFEST_TYPES = ", ".join(
-    [
-        "application/vnd.oci.image.index.v1+json",
-        "application/vnd.oci.image.manifest.v1+json",
-        "application/vnd.docker.distribution.manifest.list.v2+json",
-        "application/vnd.docker.distribution.manifest.v2+json",
-    ]
-)
-
-
-class ProxyFactory(Protocol):
-    def __call__(
-        self,
-        *,
-        upstream: dict[str, Any] | None = None,
-        upstreams: dict[str, dict[str, Any]] | None = None,
-        proxy: dict[str, Any] | None = None,
-        **top: Any,
-    ) -> Awaitable[Proxy]: ...
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeUpstream]:
-    """A fault-injecting upstream on 127.0.0.1 (registry port + CDN port)."""
-    upstream = FakeUpstream()
-    await upstream.start()
-    try:
-        yield upstream
-    finally:
-        await upstream.close()
+# fetch and wait_until moved to tests.support.proxy; tests/ops/test_health.py and
+# tests/ops/test_metrics.py still import them from here, to be updated
+from tests.support.proxy import Proxy, ProxyFactory, fetch, wait_until  # noqa: F401
 
 
 @pytest.fixture
@@ -237,20 +60,3 @@ async def make_proxy(tmp_path: Path, fake: FakeUpstream) -> AsyncIterator[ProxyF
 async def proxy(make_proxy: ProxyFactory) -> Proxy:
     """regproxy proxying the fake as `p/fake/…` with `tag_ttl = 2s`."""
     return await make_proxy()
-
-
-def assert_proxied(pulled: Pulled) -> None:
-    """A successful proxied answer carries a valid cache status."""
-    assert pulled.status in (200, 206), (pulled.status, pulled.body[:300])
-    assert pulled.cache_status in CACHE_STATUSES, dict(pulled.headers)
-
-
-def assert_failed_cleanly(pulled: Pulled, expected: bytes) -> None:
-    """A failure is an error status or a broken body, never a complete wrong body."""
-    if pulled.status >= 500 or pulled.status == 429 or pulled.status == 0:
-        return
-    assert pulled.status in (200, 206), (pulled.status, pulled.body[:300])
-    assert not pulled.complete, (
-        f"a complete-looking body ({len(pulled.body)} of {len(expected)} bytes, "
-        f"correct: {pulled.body == expected}) although the upstream's body was faulty"
-    )

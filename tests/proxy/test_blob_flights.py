@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from tests.proxy.conftest import Proxy, assert_proxied, wait_until
-from tests.proxy.fake_upstream import FakeUpstream
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.proxy import Proxy, assert_proxied, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -8,9 +8,9 @@ import os
 import pytest
 
 from regproxy.server import app as server_app
-from tests.proxy.conftest import ProxyFactory, assert_proxied, snapshot, wait_until
-from tests.proxy.fake_upstream import FakeUpstream
+from tests.support.fake_upstream import FakeUpstream
 from tests.support.oci import make_image, push_image
+from tests.support.proxy import ProxyFactory, assert_proxied, snapshot, wait_until
 
 pytestmark = pytest.mark.timeout(40)
 

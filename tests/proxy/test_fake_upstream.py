@@ -10,13 +10,13 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from tests.proxy.fake_upstream import (
+from tests.support.digests import sha256
+from tests.support.fake_upstream import (
     DOCKER_MANIFEST,
     OCI_INDEX,
     OCI_MANIFEST,
     FakeUpstream,
     basic_header,
-    sha256,
 )
 
 pytestmark = pytest.mark.timeout(30)

@@ -8,13 +8,14 @@ import time
 
 import pytest
 
-from tests.proxy.conftest import (
+from tests.support.digests import sha256
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.proxy import (
     Proxy,
     assert_failed_cleanly,
     assert_proxied,
     wait_until,
 )
-from tests.proxy.fake_upstream import FakeUpstream, sha256
 
 pytestmark = pytest.mark.timeout(45)
 

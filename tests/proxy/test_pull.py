@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from tests.proxy.conftest import (
+from tests.support.digests import sha256
+from tests.support.fake_upstream import (
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    FakeUpstream,
+)
+from tests.support.oci import make_image, push_image
+from tests.support.proxy import (
     ALL_MANIFEST_TYPES,
     CACHE_STATUSES,
     Proxy,
@@ -12,15 +21,6 @@ from tests.proxy.conftest import (
     assert_proxied,
     fetch,
 )
-from tests.proxy.fake_upstream import (
-    DOCKER_MANIFEST,
-    DOCKER_MANIFEST_LIST,
-    OCI_INDEX,
-    OCI_MANIFEST,
-    FakeUpstream,
-    sha256,
-)
-from tests.support.oci import make_image, push_image
 
 pytestmark = pytest.mark.timeout(30)
 

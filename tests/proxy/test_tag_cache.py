@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from tests.proxy.conftest import CACHE_STATUSES, Proxy, ProxyFactory, assert_proxied, wait_until
-from tests.proxy.fake_upstream import FakeImage, FakeUpstream, sha256
+from tests.support.digests import sha256
+from tests.support.fake_upstream import FakeImage, FakeUpstream
+from tests.support.proxy import CACHE_STATUSES, Proxy, ProxyFactory, assert_proxied, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 

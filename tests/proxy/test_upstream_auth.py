@@ -10,8 +10,9 @@ from urllib.parse import parse_qs
 
 import pytest
 
-from tests.proxy.conftest import Proxy, ProxyFactory, assert_proxied
-from tests.proxy.fake_upstream import FakeUpstream, basic_header, sha256
+from tests.support.digests import sha256
+from tests.support.fake_upstream import FakeUpstream, basic_header
+from tests.support.proxy import Proxy, ProxyFactory, assert_proxied
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -11,11 +11,11 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from regproxy.config import Config
+from tests.support.digests import sha256
 from tests.support.oci import (
     blob_files,
     make_image,
     put_manifest,
-    sha256,
     stored_files,
 )
 

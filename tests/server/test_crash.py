@@ -25,6 +25,7 @@ from aiohttp.test_utils import TestClient
 
 from regproxy.config import Config
 from regproxy.server.keys import CONFIG
+from tests.support.digests import sha256
 from tests.support.inprocess import make_config, start_client
 from tests.support.oci import (
     Image,
@@ -32,7 +33,6 @@ from tests.support.oci import (
     make_image,
     push_blob_chunked,
     push_image,
-    sha256,
 )
 from tests.support.processes import RegproxyProcess
 from tests.support.tools import skip_or_fail

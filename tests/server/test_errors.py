@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient
 
 from regproxy import manifest as mf
 from regproxy.config import Config
+from tests.support.digests import sha256
 from tests.support.oci import (
     EMPTY_BYTES,
     EMPTY_CONFIG,
@@ -26,7 +27,6 @@ from tests.support.oci import (
     push_blob,
     put_manifest,
     raw_request,
-    sha256,
     stored_files,
 )
 

@@ -9,6 +9,7 @@ from aiohttp.test_utils import TestClient
 
 from regproxy.config import Config
 from regproxy.server.keys import UPLOADS
+from tests.support.digests import sha256
 from tests.support.oci import (
     assert_error,
     make_artifact,
@@ -16,7 +17,6 @@ from tests.support.oci import (
     push_blob,
     push_image,
     put_manifest,
-    sha256,
     stored_files,
 )
 

@@ -9,6 +9,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from regproxy import manifest as mf
+from tests.support.digests import sha256
 from tests.support.oci import (
     EMPTY_BYTES,
     EMPTY_CONFIG,
@@ -21,7 +22,6 @@ from tests.support.oci import (
     push_blob,
     push_image,
     put_manifest,
-    sha256,
 )
 
 

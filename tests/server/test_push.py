@@ -10,6 +10,7 @@ from aiohttp.test_utils import TestClient
 
 from regproxy import manifest as mf
 from regproxy.config import Config
+from tests.support.digests import sha256
 from tests.support.oci import (
     assert_error,
     descriptor,
@@ -20,7 +21,6 @@ from tests.support.oci import (
     push_blob_chunked,
     push_image,
     put_manifest,
-    sha256,
     stored_files,
 )
 

@@ -7,6 +7,7 @@ import json
 from aiohttp.test_utils import TestClient
 
 from regproxy import manifest as mf
+from tests.support.digests import sha256
 from tests.support.oci import (
     assert_error,
     make_artifact,
@@ -14,7 +15,6 @@ from tests.support.oci import (
     make_index,
     push_image,
     put_manifest,
-    sha256,
 )
 
 SIG = "application/vnd.example.signature.v1"
