@@ -8,6 +8,7 @@ references (which must exist before it is accepted) and its `subject`.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,3 +183,32 @@ def parse(data: bytes, content_type: str | None = None) -> Manifest:
         config_media_type=config.media_type,
         annotations=annotations,
     )
+
+
+def walk(
+    root: Digest,
+    load: Callable[[Digest], Manifest | None],
+    seen: set[Digest] | None = None,
+    also: Callable[[Digest], Iterable[Digest]] | None = None,
+) -> Iterator[tuple[Digest, Manifest | None]]:
+    """Every manifest reachable from `root` through index children, each once, with its
+    parse (None: missing or unreadable, walked as a leaf); gc, inventory and verify each
+    read what they need (its `blobs`: config and layers) from what this yields.
+
+    `load` says how a digest becomes a manifest (a store read, a scan's cache); `also`
+    adds edges the bytes do not hold (gc: the referrers whose `subject` is a kept
+    manifest); `seen` carries the visited digests across walks (gc marks many roots).
+    """
+    visited: set[Digest] = set() if seen is None else seen
+    stack = [root]
+    while stack:
+        digest = stack.pop()
+        if digest in visited:
+            continue
+        visited.add(digest)
+        manifest = load(digest)
+        yield digest, manifest
+        if manifest is not None:
+            stack.extend(d.digest for d in manifest.children)
+        if also is not None:
+            stack.extend(also(digest))

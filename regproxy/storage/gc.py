@@ -11,6 +11,7 @@ existing layer touches it), are never swept.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import time
@@ -59,28 +60,29 @@ class _Marker:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.blobs: set[str] = set()
-        self.revisions: set[tuple[str, str]] = set()
+        #: repository → revisions reached in it
+        self.revisions: dict[str, set[Digest]] = {}
+
+    def marked(self, name: str, digest: Digest) -> bool:
+        return digest in self.revisions.get(name, ())
 
     def mark(self, name: str, digest: Digest) -> None:
-        stack = [digest]
-        while stack:
-            current = stack.pop()
-            key = (name, str(current))
-            if key in self.revisions:
-                continue
-            self.revisions.add(key)
+        seen = self.revisions.setdefault(name, set())
+        # artifacts that refer to a kept manifest are kept with it
+        also = functools.partial(self.store.referrer_digests, name)
+        for current, parsed in mf.walk(digest, functools.partial(self._load, name), seen, also):
             self.blobs.add(str(current))
-            data = self.store.manifest_bytes(current)
-            if data is not None:
-                try:
-                    parsed = mf.parse(data, self.store.media_type(name, current))
-                except RegistryError:
-                    parsed = None
-                if parsed is not None:
-                    self.blobs.update(str(d.digest) for d in parsed.blobs)
-                    stack.extend(d.digest for d in parsed.children)
-            # artifacts that refer to a kept manifest are kept with it
-            stack.extend(self.store.referrer_digests(name, current))
+            if parsed is not None:
+                self.blobs.update(str(d.digest) for d in parsed.blobs)
+
+    def _load(self, name: str, digest: Digest) -> mf.Manifest | None:
+        data = self.store.manifest_bytes(digest)
+        if data is None:
+            return None
+        try:
+            return mf.parse(data, self.store.media_type(name, digest))
+        except RegistryError:
+            return None
 
     def mark_repository(
         self, name: str, keep_untagged: bool, since: float | None = None, young: float = math.inf
@@ -108,7 +110,7 @@ class _Marker:
 def _drop_untagged(store: Store, marker: _Marker, name: str, report: GcReport) -> None:
     """Runs under the exclusive lock, so `delete_manifest` must not take it again."""
     for digest, _mtime in store.revisions(name):
-        if (name, str(digest)) in marker.revisions:
+        if marker.marked(name, digest):
             continue
         report.manifests_removed += 1
         report.note(f"{name}@{digest}")

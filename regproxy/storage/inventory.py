@@ -14,6 +14,7 @@ is when the manifest was pushed (or fetched), and a cached repository's
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from collections.abc import Iterable
@@ -141,21 +142,14 @@ class _StoreScan:
         """Digests a manifest needs (itself included) and whether all are present."""
         needed: set[str] = set()
         complete = True
-        stack = [digest]
-        while stack:
-            current = stack.pop()
-            key = str(current)
-            if key in needed:
-                continue
-            needed.add(key)
-            parsed = self.parse(name, current)
+        for current, parsed in mf.walk(digest, functools.partial(self.parse, name)):
+            needed.add(str(current))
             if parsed is None:
                 complete = False
                 continue
             for desc in parsed.blobs:
                 needed.add(str(desc.digest))
                 complete = complete and str(desc.digest) in self.sizes
-            stack.extend(d.digest for d in parsed.children)
         return needed, complete
 
     def size_of(self, digests: Iterable[str]) -> int:

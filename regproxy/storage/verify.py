@@ -286,8 +286,8 @@ class _RepoChecker:
         self.problems: list[Problem] = []
         #: manifest digest → tags pointing at it
         self.tags: dict[Digest, list[str]] = {}
-        #: manifest digest → digests it needs (blobs and children); for `needed_by`
-        self.needs: dict[Digest, set[Digest]] = {}
+        #: revision → its parse (None: corrupt, its content cannot be trusted); `needed_by`
+        self.parsed: dict[Digest, mf.Manifest | None] = {}
 
     def problem(self, kind: str, path: Path, message: str, digest: Digest | None = None) -> None:
         digest_text = str(digest) if digest is not None else None
@@ -336,7 +336,7 @@ class _RepoChecker:
                 )
             return
         if digest in self.corrupt:
-            self.needs[digest] = set()
+            self.parsed[digest] = None
             return  # reported by the hash check; its content cannot be trusted
         try:
             parsed = mf.parse(data, self.store.media_type(self.name, digest))
@@ -348,7 +348,7 @@ class _RepoChecker:
                 digest,
             )
             return
-        self.needs[digest] = {d.digest for d in parsed.blobs} | {d.digest for d in parsed.children}
+        self.parsed[digest] = parsed
         if not strict:
             return
         for desc in parsed.blobs:
@@ -415,14 +415,17 @@ class _RepoChecker:
                             referrer,
                         )
 
+    def _needs(self, digest: Digest, bad: Digest) -> bool:
+        """Whether revision `digest` is `bad` or needs it, directly or through an index."""
+        for current, parsed in mf.walk(digest, self.parsed.get):
+            blobs = parsed.blobs if parsed is not None else ()
+            if current == bad or any(d.digest == bad for d in blobs):
+                return True
+        return False
+
     def users_of(self, bad: Digest) -> list[str]:
         """References of manifests needing `bad`, directly or through an index."""
-        affected = {d for d, needs in self.needs.items() if d == bad or bad in needs}
-        while True:  # indexes whose children are affected are affected too
-            more = {d for d, needs in self.needs.items() if d not in affected and needs & affected}
-            if not more:
-                break
-            affected |= more
+        affected = [d for d in self.parsed if self._needs(d, bad)]
         out = []
         for digest in sorted(affected, key=str):
             tags = self.tags.get(digest)
