@@ -17,8 +17,17 @@ import os
 
 import pytest
 
-from tests.auth.conftest import LOCAL_REPOS, PROXY_REPO, Registry, RegistryFactory, sha256
-from tests.auth.helpers import Caller, Result, challenge_params, fetch_token
+from tests.support.auth import (
+    LOCAL_REPOS,
+    PROXY_REPO,
+    Caller,
+    Registry,
+    RegistryFactory,
+    Result,
+    challenge_params,
+    fetch_token,
+)
+from tests.support.digests import sha256
 
 MODES = ("token", "basic")
 PARTIES = ("anonymous", "alice", "bob", "root")

@@ -20,11 +20,10 @@ from regproxy.config import Config
 from regproxy.server import listings
 from regproxy.server import runner as runner_mod
 from regproxy.server.app import create_app
-from tests.auth.conftest import RegistryFactory
-from tests.auth.helpers import PASSWORDS, Caller, auth_config, challenge_params
-from tests.auth.tree import all_files, bad_blobs, unexpected_paths
+from tests.support.auth import PASSWORDS, Caller, RegistryFactory, auth_config, challenge_params
 from tests.support.digests import sha256
 from tests.support.inprocess import make_config
+from tests.support.tree import all_files, bad_blobs, unexpected_paths
 
 ROOT_AUTH = (
     "Authorization: Basic " + base64.b64encode(f"root:{PASSWORDS['root']}".encode()).decode()

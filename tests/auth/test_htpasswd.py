@@ -12,8 +12,7 @@ import pytest
 
 from regproxy.access.htpasswd import Htpasswd, parse_htpasswd
 from regproxy.errors import ConfigError
-from tests.auth.conftest import RegistryFactory
-from tests.auth.helpers import Caller, fetch_token, write_htpasswd
+from tests.support.auth import Caller, RegistryFactory, fetch_token, write_htpasswd
 
 
 def entry(user: str, password: bytes, rounds: int = 4) -> str:

@@ -35,10 +35,10 @@ from hypothesis import strategies as st
 from regproxy.config import Config
 from regproxy.server.app import create_app
 from regproxy.server.runner import GuardedRunner
-from tests.auth.helpers import PASSWORDS, auth_config
-from tests.auth.tree import all_files, bad_blobs, unexpected_paths
+from tests.support.auth import PASSWORDS, auth_config
 from tests.support.digests import sha256
 from tests.support.inprocess import make_config
+from tests.support.tree import all_files, bad_blobs, unexpected_paths
 
 #: examples per property; `RP_PROPERTY_EXAMPLES=5000` for a longer hunt
 EXAMPLES = int(os.environ.get("RP_PROPERTY_EXAMPLES", "250"))

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.auth.certs import ServerCert, TestCA
-from tests.auth.helpers import PASSWORDS, write_htpasswd
+from tests.support.auth import PASSWORDS, write_htpasswd
+from tests.support.certs import ServerCert, TestCA
 from tests.support.dockerd import DockerDaemon
 from tests.support.images import Image, make_image, write_docker_archive, write_oci_layout
 from tests.support.podman import Podman

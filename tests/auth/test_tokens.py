@@ -13,8 +13,14 @@ import json
 
 import pytest
 
-from tests.auth.conftest import Registry, RegistryFactory, sha256
-from tests.auth.helpers import challenge_params, fetch_token, token_claims
+from tests.support.auth import (
+    Registry,
+    RegistryFactory,
+    challenge_params,
+    fetch_token,
+    token_claims,
+)
+from tests.support.digests import sha256
 
 PULL_ACCEPT = {"Accept": "application/vnd.oci.image.manifest.v1+json"}
 

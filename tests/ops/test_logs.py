@@ -15,8 +15,8 @@ import pytest
 
 from regproxy.config import LogConfig
 from regproxy.server import logs
-from tests.auth.helpers import auth_config, basic
 from tests.support.access_log import AccessLog
+from tests.support.auth import auth_config, basic
 from tests.support.digests import sha256
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.inprocess import make_config, start_client

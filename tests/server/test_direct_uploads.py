@@ -29,7 +29,7 @@ from regproxy.server.keys import OFFLOAD
 from regproxy.server.uploads import SESSION_LOCKS
 from regproxy.sockbody import BLOCK, DIRECT_MIN
 from regproxy.storage import uploads as uploads_mod
-from tests.auth.certs import TestCA
+from tests.support.certs import TestCA
 from tests.support.digests import sha256
 from tests.support.inprocess import make_config
 from tests.support.oci import assert_error, envelope_codes, stored_files

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,11 +49,14 @@ async def assert_error(resp: ClientResponse, status: int, code: str) -> None:
     assert code in await error_codes(resp), text
 
 
-async def push_blob(client: TestClient, name: str, data: bytes) -> str:
-    """Monolithic push (POST ?digest=); returns the digest."""
+async def push_blob(
+    client: TestClient, name: str, data: bytes, *, headers: Mapping[str, str] | None = None
+) -> str:
+    """Monolithic push (POST ?digest=); returns the digest. `headers`: e.g. credentials."""
     digest = sha256(data)
-    resp = await client.post(f"/v2/{name}/blobs/uploads/?digest={digest}", data=data)
-    assert resp.status == 201, await resp.text()
+    url = f"/v2/{name}/blobs/uploads/?digest={digest}"
+    async with client.post(url, data=data, headers=headers) as resp:
+        assert resp.status == 201, await resp.text()
     return digest
 
 
@@ -77,11 +81,17 @@ async def push_blob_chunked(client: TestClient, name: str, data: bytes, chunk: i
 
 
 async def put_manifest(
-    client: TestClient, name: str, reference: str, data: bytes, media_type: str | None
+    client: TestClient,
+    name: str,
+    reference: str,
+    data: bytes,
+    media_type: str | None,
+    *,
+    headers: Mapping[str, str] | None = None,
 ) -> ClientResponse:
     """PUT a manifest and return the (unchecked) response."""
-    headers = {"Content-Type": media_type} if media_type else {}
-    return await client.put(f"/v2/{name}/manifests/{reference}", data=data, headers=headers)
+    sent = {**(headers or {}), **({"Content-Type": media_type} if media_type else {})}
+    return await client.put(f"/v2/{name}/manifests/{reference}", data=data, headers=sent)
 
 
 @dataclass
@@ -151,12 +161,27 @@ def make_artifact(
     return Image(data, sha256(data), EMPTY_BYTES, [layer])
 
 
-async def push_image(client: TestClient, name: str, image: Image, reference: str) -> str:
+async def push_image(
+    client: TestClient,
+    name: str,
+    image: Image,
+    reference: str,
+    *more_tags: str,
+    headers: Mapping[str, str] | None = None,
+) -> str:
+    """Push the blobs, then the manifest under `reference` and every one of `more_tags`.
+
+    Returns the manifest digest; `headers` go with every request (e.g. a user's credentials).
+    """
     for blob in image.blobs:
-        await push_blob(client, name, blob)
-    resp = await put_manifest(client, name, reference, image.manifest, image.media_type)
-    assert resp.status == 201, await resp.text()
-    assert resp.headers["Docker-Content-Digest"] == image.digest
+        await push_blob(client, name, blob, headers=headers)
+    for tag in (reference, *more_tags):
+        resp = await put_manifest(
+            client, name, tag, image.manifest, image.media_type, headers=headers
+        )
+        text = await resp.text()
+        assert resp.status == 201, text
+        assert resp.headers["Docker-Content-Digest"] == image.digest
     return image.digest
 
 
