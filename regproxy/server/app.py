@@ -29,6 +29,7 @@ from regproxy.server.middleware import add_api_version, errors_middleware
 from regproxy.storage import gc
 from regproxy.storage.aio import Offload
 from regproxy.storage.fs import remove_older_than
+from regproxy.storage.layout import TEMP_MAX_AGE
 from regproxy.storage.store import Store
 from regproxy.storage.uploads import Uploads
 
@@ -36,7 +37,6 @@ log = logging.getLogger("regproxy.server")
 
 NAME = "{name:[^{}]+}"
 EVICTION_INTERVAL = 10.0
-STALE_TEMP_AGE = 3600.0
 
 
 def _route_table() -> list[tuple[str, str, auth.Handler, str]]:
@@ -129,7 +129,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     for store in (app[REGISTRY], app[PROXY_STORE]):
         # leftovers of writes a crash interrupted: never visible; young ones may belong to
         # an offline command (prefetch) writing right now
-        await offload.run(remove_older_than, store.layout.tmp, STALE_TEMP_AGE)
+        await offload.run(remove_older_than, store.layout.tmp, TEMP_MAX_AGE)
     session = ProxyCache.new_session()
     app[PROXY] = ProxyCache(config, app[PROXY_STORE], offload, session)
     tasks = [asyncio.create_task(_purge_uploads_forever(app))]

@@ -30,6 +30,7 @@ from aiohttp import web
 
 from regproxy.server.keys import CONFIG, OFFLOAD, PROXY, PROXY_STORE, REGISTRY
 from regproxy.server.metrics import METRICS, Handler
+from regproxy.storage.layout import temp_name
 
 HEALTHZ_PATH = "/healthz"
 READYZ_PATH = "/readyz"
@@ -54,7 +55,7 @@ def check_folder(folder: Path, writable: tuple[Path, ...], min_free: int) -> dic
         if not os.access(path, os.W_OK):
             result["error"] = f"{path} is not writable"
             return result
-    probe = folder / f".tmp-readyz-{os.urandom(6).hex()}"
+    probe = temp_name(folder, "readyz")
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:

@@ -8,9 +8,10 @@ import fcntl
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+from regproxy.storage.layout import temp_name
 
 #: a first read this large covers every tag and revision file and most manifests
 SMALL_READ = 64 * 1024
@@ -22,11 +23,6 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def temp_name(folder: Path) -> Path:
-    """A fresh temp path; the leading dot keeps it out of tag and repository listings."""
-    return folder / f".tmp-{uuid.uuid4().hex}"
 
 
 def makedirs_durable(folder: Path) -> None:
@@ -241,22 +237,26 @@ class FsBackend:
                 yield Path(dirpath, name)
 
 
-def remove_older_than(folder: Path, age: float) -> int:
-    """Delete entries of `folder` not modified for `age` seconds; return how many."""
-    cutoff = time.time() - age
+def remove_older_than(
+    folder: Path, age: float, now: float | None = None, dry_run: bool = False
+) -> int:
+    """Delete entries of `folder` (files or whole folders) not modified for `age` seconds
+    before `now`; return how many went (or would go, on a dry run)."""
+    cutoff = (time.time() if now is None else now) - age
     removed = 0
     try:
         entries = list(os.scandir(folder))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return 0
     for entry in entries:
         try:
             if entry.stat(follow_symlinks=False).st_mtime >= cutoff:
                 continue
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
-            else:
-                os.unlink(entry.path)
+            if not dry_run:
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.unlink(entry.path)
             removed += 1
         except OSError:
             continue

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,15 +20,13 @@ from pathlib import Path
 from regproxy import manifest as mf
 from regproxy.digest import Digest
 from regproxy.errors import RegistryError
-from regproxy.storage.fs import prune_empty_dirs, remove_tree
-from regproxy.storage.layout import LAYERS
+from regproxy.storage.fs import prune_empty_dirs, remove_older_than
+from regproxy.storage.layout import LAYERS, TEMP_MAX_AGE
 from regproxy.storage.store import Store
 
 MAX_LISTED = 1000
 #: seconds: how far a file's mtime may lag time.time() (coarse kernel timestamps), with margin
 CLOCK_SLACK = 1.0
-#: seconds: a file in a store's tmp/ younger than this may belong to a write in progress
-TEMP_MIN_AGE = 3600.0
 
 
 @dataclass
@@ -127,22 +124,6 @@ def _unlink_swept_layers(store: Store, name: str, swept: set[str]) -> None:
                 store.backend.remove(folder / algorithm / hex_)
 
 
-def _remove_old_files(folder: Path, older_than: float, report: GcReport) -> None:
-    if not folder.is_dir():
-        return
-    for entry in os.scandir(folder):
-        try:
-            if entry.stat().st_mtime < older_than:
-                report.temp_files_removed += 1
-                if not report.dry_run:
-                    if entry.is_dir(follow_symlinks=False):
-                        remove_tree(Path(entry.path))
-                    else:
-                        os.unlink(entry.path)
-        except OSError:
-            continue
-
-
 def collect(
     store: Store,
     grace: float = 3600.0,
@@ -217,7 +198,9 @@ def collect(
     report.blobs_kept = len(marker.blobs)
     # tmp/ holds atomic writes and cross-filesystem copies in progress (a slow fsync or a
     # big copy can take seconds): only crash leftovers go, whatever the grace period
-    _remove_old_files(store.layout.tmp, min(cutoff, started - TEMP_MIN_AGE), report)
+    report.temp_files_removed += remove_older_than(
+        store.layout.tmp, max(started - cutoff, TEMP_MAX_AGE), started, dry_run
+    )
     report.seconds = time.time() - started
     return report
 
@@ -238,12 +221,13 @@ def collect_temp(temp_root: Path, upload_max_age: float, grace: float, dry_run: 
     """Expired upload sessions and proxy spool leftovers in `temporary_registry_storage`."""
     started = time.time()
     report = GcReport("temporary", dry_run)
-    uploads = Path(temp_root) / "uploads"
-    before = report.temp_files_removed
-    _remove_old_files(uploads, started - upload_max_age, report)
-    report.uploads_removed = report.temp_files_removed - before
-    report.temp_files_removed = before
-    _remove_old_files(Path(temp_root) / "spool", started - max(grace, 3600.0), report)
+    temp_root = Path(temp_root)
+    report.uploads_removed = remove_older_than(
+        temp_root / "uploads", upload_max_age, started, dry_run
+    )
+    report.temp_files_removed = remove_older_than(
+        temp_root / "spool", max(grace, TEMP_MAX_AGE), started, dry_run
+    )
     report.seconds = time.time() - started
     return report
 

@@ -16,11 +16,16 @@
 Names and tags are validated by `reference` before they reach here; a valid
 name component never starts with `_` or `.`, and a tag never starts with `.`,
 so metadata folders and temp files (`.tmp-*`) cannot collide with them.
+
+Temp files are named here too (`temp_name`: `.tmp-<hex>`, in `tmp/` or wherever a
+file is replaced atomically), and `TEMP_MAX_AGE` is the one age after which a temp
+or spool file is a crash leftover: start-up, gc and verify all judge by it.
 """
 
 from __future__ import annotations
 
 import functools
+import uuid
 from pathlib import Path
 
 from regproxy.digest import Digest
@@ -32,9 +37,26 @@ LAYERS = "_layers"
 REFERRERS = "_referrers"
 PULLED = "_pulled"
 REPO_MARKERS = (MANIFESTS, LAYERS, TAGS)
+#: every temp file's name starts with it; the dot keeps it out of tag and repository listings
+TEMP_PREFIX = ".tmp-"
+#: seconds: a temp file (or proxy spool file) older than this is a crash leftover; a younger
+#: one may belong to a write in progress (a slow fsync, a big cross-filesystem copy, an
+#: offline command such as prefetch writing into the store right now)
+TEMP_MAX_AGE = 3600.0
 #: paths remembered per method: building a pathlib path costs microseconds, and the same
 #: few tags, revisions and blobs are asked for on every request
 MEMO_SIZE = 16384
+
+
+def temp_name(folder: Path, purpose: str = "") -> Path:
+    """A fresh temp path in `folder`: `.tmp-<32 hex>`, or `.tmp-<purpose>-<32 hex>`."""
+    infix = f"{purpose}-" if purpose else ""
+    return Path(folder) / f"{TEMP_PREFIX}{infix}{uuid.uuid4().hex}"
+
+
+def is_temp(name: str) -> bool:
+    """Whether a file name is one `temp_name` makes."""
+    return name.startswith(TEMP_PREFIX)
 
 
 class Layout:

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from regproxy.storage.layout import temp_name
+
 log = logging.getLogger("regproxy.runs")
 
 STATUS_DIR = "status"
@@ -39,7 +41,7 @@ def record_run(
             "last_seconds": seconds,
             "last_ok": ok,
         }
-        tmp = folder / f".tmp-{command}-{os.getpid()}"
+        tmp = temp_name(folder, command)
         tmp.write_text(json.dumps(status))
         os.replace(tmp, path)
     except OSError as exc:

@@ -21,7 +21,7 @@ and strays are problems.
 `<store>/quarantine/` with a note naming every manifest that needs it; a corrupt
 cached blob is removed so the next pull fetches it again; dangling metadata
 links are removed, missing links to present blobs are re-created, and stray
-temp files older than `STRAY_AGE` are removed.
+temp files older than `layout.TEMP_MAX_AGE` are removed.
 """
 
 from __future__ import annotations
@@ -44,12 +44,10 @@ from regproxy import manifest as mf
 from regproxy.digest import Digest
 from regproxy.errors import DigestInvalid, RegistryError
 from regproxy.storage.fs import prune_empty_dirs
-from regproxy.storage.layout import LAYERS, REFERRERS
+from regproxy.storage.layout import LAYERS, REFERRERS, TEMP_MAX_AGE, is_temp
 from regproxy.storage.store import Store
 
 HASH_CHUNK = 1024 * 1024
-#: temp files younger than this may belong to a commit or upload in progress
-STRAY_AGE = 3600.0
 QUARANTINE = "quarantine"
 
 # problem kinds
@@ -221,8 +219,8 @@ def _age(entry: os.DirEntry | Path, now: float) -> float:
 
 
 def _stray(target: Target, entry: os.DirEntry, now: float, problems: list[Problem]) -> None:
-    if entry.name.startswith(".tmp-"):
-        if _age(entry, now) >= STRAY_AGE:
+    if is_temp(entry.name):
+        if _age(entry, now) >= TEMP_MAX_AGE:
             problems.append(
                 Problem(target.label, STRAY_TEMP, entry.path, "leftover temp file of a write")
             )
@@ -235,14 +233,14 @@ def _stray(target: Target, entry: os.DirEntry, now: float, problems: list[Proble
 def _scan_temp_files(target: Target, now: float, problems: list[Problem]) -> None:
     """Old entries of the store's `tmp/` and `.tmp-*` files under `repositories/`."""
     for entry in _entries(target.store.layout.tmp):
-        if _age(entry, now) >= STRAY_AGE:
+        if _age(entry, now) >= TEMP_MAX_AGE:
             problems.append(
                 Problem(target.label, STRAY_TEMP, entry.path, "leftover of an interrupted commit")
             )
     for dirpath, _dirs, files in os.walk(target.store.layout.repositories):
         for name in files:
             path = Path(dirpath, name)
-            if name.startswith(".tmp-") and _age(path, now) >= STRAY_AGE:
+            if is_temp(name) and _age(path, now) >= TEMP_MAX_AGE:
                 problems.append(
                     Problem(target.label, STRAY_TEMP, str(path), "leftover temp file of a write")
                 )
@@ -264,7 +262,7 @@ def _scan_temp_root(temp_root: Path, upload_max_age: float, now: float) -> list[
                 )
             )
     for entry in _entries(temp_root / "spool"):
-        if _age(entry, now) >= STRAY_AGE:
+        if _age(entry, now) >= TEMP_MAX_AGE:
             problems.append(
                 Problem("temporary", STRAY_TEMP, entry.path, "leftover proxy spool file")
             )

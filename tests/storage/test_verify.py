@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient
 from regproxy.config import Config
 from regproxy.digest import of_bytes
 from regproxy.storage import verify as v
+from regproxy.storage.layout import TEMP_MAX_AGE
 from regproxy.storage.store import Store
 from tests.server.oci import make_artifact, make_image, push_image, sha256
 from tests.storage.helpers import age_tree, blob_path, push_index, push_orphan, snapshot
@@ -182,7 +183,7 @@ async def test_missing_blob_of_a_manifest(client: TestClient, config: Config) ->
 
 def test_stray_files(config: Config) -> None:
     store = Store(config.registry_storage)
-    old = time.time() - 2 * v.STRAY_AGE
+    old = time.time() - 2 * TEMP_MAX_AGE
     blobs = config.registry_storage / "blobs/sha256/ab"
     blobs.mkdir(parents=True)
     (blobs / "not-a-digest").write_bytes(b"x")
