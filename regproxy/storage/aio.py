@@ -23,20 +23,18 @@ from typing import ParamSpec, TypeVar
 P = ParamSpec("P")
 T = TypeVar("T")
 
-#: Store methods the server may call on the event loop (small metadata only).
+#: Store methods the server and the proxy may call on the event loop: small metadata reads
+#: (a stat or two, a tag file, a cached manifest) and `blob_path` (no I/O at all). Everything
+#: else goes through `Offload.run`; tests/storage/test_aio.py holds the code to this list.
 INLINE_SAFE = frozenset(
     {
-        "get_manifest",
-        "resolve",
+        "blob_path",
         "blob_size",
-        "is_linked",
-        "tag_digest",
-        "has_manifest",
-        "media_type",
         "cached_tags",
+        "get_manifest",
         "has_blob",
-        "tag_age",
         "repository_exists",
+        "tag_age",
     }
 )
 

@@ -6,7 +6,6 @@ filesystem backend in `fs.py` is the only implementation.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol
@@ -49,5 +48,3 @@ class Backend(Protocol):
     def shared_lock(self, path: Path) -> AbstractContextManager[None]: ...
 
     def exclusive_lock(self, path: Path) -> AbstractContextManager[None]: ...
-
-    def walk_files(self, folder: Path) -> Iterator[Path]: ...

@@ -231,11 +231,6 @@ class FsBackend:
     def exclusive_lock(self, path: Path) -> contextlib.AbstractContextManager[None]:
         return self._lock(path, fcntl.LOCK_EX)
 
-    def walk_files(self, folder: Path) -> Iterator[Path]:
-        for dirpath, _dirs, files in os.walk(folder):
-            for name in files:
-                yield Path(dirpath, name)
-
 
 def remove_older_than(
     folder: Path, age: float, now: float | None = None, dry_run: bool = False

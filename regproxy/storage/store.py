@@ -136,17 +136,6 @@ class Store:
                 self.backend.touch(target)
             self.backend.ensure(self.layout.layer(name, digest))
 
-    def write_blob(self, name: str | None, data: bytes, digest: Digest) -> None:
-        """Store a small verified buffer as a blob (manifests, proxy fetches of configs)."""
-        target = self.layout.blob(digest)
-        with self.shared_lock():
-            if self.backend.exists(target):
-                self.backend.touch(target)
-            else:
-                self.backend.write_atomic(target, data)
-            if name is not None:
-                self.backend.ensure(self.layout.layer(name, digest))
-
     def mount_blob(self, name: str, digest: Digest, source: str) -> bool:
         """Link a blob from `source` into `name`; False when `source` does not have it."""
         with self.shared_lock():

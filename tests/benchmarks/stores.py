@@ -1,6 +1,6 @@
 """Stores for the offline commands, built fast and directly (no server in between).
 
-``verify``: a few large blobs through ``Store.write_blob``/``put_manifest`` (the real write
+``verify``: a few large blobs through ``Store.commit_blob``/``put_manifest`` (the real write
 path, fsync included). ``gc``: 100k blobs and 10k manifests written straight into the
 layout that ``storage.layout.Layout`` describes, without fsync: building it through the
 store's durable writes would take minutes, and gc only reads it.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from regproxy import manifest as mf
 from regproxy.digest import Digest
-from regproxy.storage.layout import Layout
+from regproxy.storage.layout import Layout, temp_name
 from regproxy.storage.store import Store
 
 from .client import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, BlobSource
@@ -26,6 +26,16 @@ from .client import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, BlobSource
 
 def _digest(data: bytes) -> Digest:
     return Digest("sha256", hashlib.sha256(data).hexdigest())
+
+
+def _put_blob(store: Store, name: str, data: bytes, digest: Digest) -> None:
+    """A blob the way an upload commits one: a temp file, fsync, ``Store.commit_blob``."""
+    staged = temp_name(store.layout.tmp)
+    with open(staged, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    store.commit_blob(name, staged, digest)
 
 
 def _manifest(config: tuple[Digest, int], layers: list[tuple[Digest, int]]) -> bytes:
@@ -49,10 +59,10 @@ def build_verify_store(root: Path, source: BlobSource, total: int, blob_size: in
     for i in range(max(1, total // blob_size)):
         offset = (i * blob_size) % max(1, len(source.data) - blob_size + 1)
         blob = source.blob(offset, blob_size, f"verify-{i}")
-        store.write_blob(name, blob.tobytes(), Digest.parse(blob.digest))
+        _put_blob(store, name, blob.tobytes(), Digest.parse(blob.digest))
         layers.append((Digest.parse(blob.digest), blob.size))
     config = b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}'
-    store.write_blob(name, config, _digest(config))
+    _put_blob(store, name, config, _digest(config))
     data = _manifest((_digest(config), len(config)), layers)
     store.put_manifest(name, data, mf.parse(data, OCI_MANIFEST), _digest(data), "latest")
     return sum(n for _, n in layers) + len(config) + len(data)

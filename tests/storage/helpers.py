@@ -13,8 +13,9 @@ from aiohttp.test_utils import TestClient
 from regproxy import manifest as mf
 from regproxy.digest import Digest, of_bytes
 from regproxy.storage.fs import FsBackend
+from regproxy.storage.layout import temp_name
 from regproxy.storage.store import Store
-from tests.server.oci import (
+from tests.support.oci import (
     Image,
     make_image,
     make_index,
@@ -23,6 +24,16 @@ from tests.server.oci import (
     put_manifest,
     sha256,
 )
+
+
+def put_blob(store: Store, name: str, data: bytes) -> Digest:
+    """Store `data` as a blob linked into `name` the way the server does: a finished temp
+    file committed by `Store.commit_blob` (uploads and proxy fetches alike)."""
+    digest = of_bytes(data)
+    staged = temp_name(store.layout.tmp)
+    staged.write_bytes(data)
+    store.commit_blob(name, staged, digest)
+    return digest
 
 
 def age_tree(root: Path, seconds: float) -> None:
@@ -95,9 +106,13 @@ class NoSyncBackend(FsBackend):
 
     def write_atomic(self, path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+        tmp = temp_name(path.parent)
         tmp.write_bytes(data)
         os.replace(tmp, path)
+
+    def move_into(self, src: Path, dst: Path, tmp_dir: Path) -> None:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst)
 
     def ensure(self, path: Path) -> None:
         if not os.path.exists(path):
@@ -109,9 +124,9 @@ def cache_image(store: Store, name: str, layers: int = 2, size: int = 1000) -> l
     """Put a manifest and its blobs into a proxy-style store as a pull would."""
     blobs = [os.urandom(size) for _ in range(layers)]
     for data in blobs:
-        store.write_blob(name, data, of_bytes(data))
+        put_blob(store, name, data)
     config = json.dumps({"os": "linux", "architecture": "amd64", "n": name}).encode()
-    store.write_blob(name, config, of_bytes(config))
+    put_blob(store, name, config)
     doc = {
         "schemaVersion": 2,
         "mediaType": mf.OCI_MANIFEST,

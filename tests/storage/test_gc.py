@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -14,16 +13,9 @@ from aiohttp.test_utils import TestClient
 
 from regproxy import manifest as mf
 from regproxy.config import Config
-from regproxy.digest import Digest, of_bytes
+from regproxy.digest import of_bytes
 from regproxy.storage import gc
 from regproxy.storage.store import Store
-from tests.server.oci import (
-    make_artifact,
-    make_image,
-    push_blob,
-    push_image,
-    sha256,
-)
 from tests.storage.helpers import (
     NoSyncBackend,
     age_tree,
@@ -32,7 +24,15 @@ from tests.storage.helpers import (
     cache_image,
     push_index,
     push_orphan,
+    put_blob,
     snapshot,
+)
+from tests.support.oci import (
+    make_artifact,
+    make_image,
+    push_blob,
+    push_image,
+    sha256,
 )
 
 HOUR = 3600.0
@@ -188,9 +188,7 @@ def test_blob_touched_just_after_gc_started_is_kept(
     """File times come from a coarse clock and may read a few ms *before* time.time():
     a re-push landing right after the mark began must still count as fresh."""
     store = Store(tmp_path)
-    data = os.urandom(100)
-    digest = of_bytes(data)
-    store.write_blob("app", data, digest)
+    digest = put_blob(store, "app", os.urandom(100))
     started = time.time()
     os.utime(store.blob_path(digest), (started - 0.004, started - 0.004))
     monkeypatch.setattr(gc.time, "time", lambda: started)
@@ -266,9 +264,7 @@ def test_scale_5k_blobs_500_manifests(tmp_path: Path) -> None:
         name = f"team{i % 20}/app{i % 50}"
         descs = []
         for _ in range(layers_per_image):
-            data = os.urandom(64)
-            digest = Digest("sha256", hashlib.sha256(data).hexdigest())
-            store.write_blob(name, data, digest)
+            digest = put_blob(store, name, os.urandom(64))
             descs.append({"mediaType": "x/layer", "digest": str(digest), "size": 64})
         doc = {
             "schemaVersion": 2,
@@ -283,8 +279,7 @@ def test_scale_5k_blobs_500_manifests(tmp_path: Path) -> None:
         if keep:
             live |= {str(digest), *(d["digest"] for d in descs)}
     for i in range(1000):  # orphans of interrupted pushes
-        data = os.urandom(32)
-        store.write_blob(f"team{i % 20}/app{i % 50}", data, of_bytes(data))
+        put_blob(store, f"team{i % 20}/app{i % 50}", os.urandom(32))
     age_tree(tmp_path, 2 * HOUR)
     total = sum(1 for _ in store.iter_blobs())
     assert total == n_images * (layers_per_image + 1) + 1000

@@ -13,8 +13,8 @@ from regproxy.config import Config
 from regproxy.digest import of_bytes
 from regproxy.storage.inventory import LOCAL, PROXY, inventory
 from regproxy.storage.store import Store
-from tests.server.oci import make_artifact, make_image, push_image
-from tests.storage.helpers import push_index
+from tests.storage.helpers import push_index, put_blob
+from tests.support.oci import make_artifact, make_image, push_image
 
 
 async def test_sizes_unique_and_shared(client: TestClient, config: Config) -> None:
@@ -60,9 +60,9 @@ async def test_index_platforms_and_artifacts(client: TestClient, config: Config)
 def test_cached_repository_names_and_times(config: Config) -> None:
     store = Store(config.proxy_storage)
     layer = os.urandom(2000)
-    store.write_blob("docker.io/library/alpine", layer, of_bytes(layer))
+    put_blob(store, "docker.io/library/alpine", layer)
     cfg = json.dumps({"os": "linux", "architecture": "arm64", "variant": "v8"}).encode()
-    store.write_blob("docker.io/library/alpine", cfg, of_bytes(cfg))
+    put_blob(store, "docker.io/library/alpine", cfg)
     missing = os.urandom(100)  # a layer never pulled: the cached image is partial
     doc = {
         "schemaVersion": 2,

@@ -16,8 +16,15 @@ from regproxy.digest import of_bytes
 from regproxy.storage import verify as v
 from regproxy.storage.layout import TEMP_MAX_AGE
 from regproxy.storage.store import Store
-from tests.server.oci import make_artifact, make_image, push_image, sha256
-from tests.storage.helpers import age_tree, blob_path, push_index, push_orphan, snapshot
+from tests.storage.helpers import (
+    age_tree,
+    blob_path,
+    push_index,
+    push_orphan,
+    put_blob,
+    snapshot,
+)
+from tests.support.oci import make_artifact, make_image, push_image, sha256
 
 
 def _flip_byte(path: Path) -> None:
@@ -100,9 +107,7 @@ async def test_corrupt_pushed_layer_is_found_and_quarantined(
 
 async def test_corrupt_cached_blob_is_removed(client: TestClient, config: Config) -> None:
     proxy = Store(config.proxy_storage)
-    data = os.urandom(5000)
-    digest = of_bytes(data)
-    proxy.write_blob("up/library/alpine", data, digest)
+    digest = put_blob(proxy, "up/library/alpine", os.urandom(5000))
     _flip_byte(proxy.blob_path(digest))
     report = _run(config, repair=True)
     assert _kinds(report) == [("proxy", v.CORRUPT)]
@@ -218,8 +223,7 @@ def test_stray_files(config: Config) -> None:
 def test_hashing_uses_the_worker_pool(config: Config) -> None:
     store = Store(config.registry_storage)
     for _ in range(6):
-        data = os.urandom(4 * 1024 * 1024)
-        store.write_blob(None, data, of_bytes(data))
+        put_blob(store, "app", os.urandom(4 * 1024 * 1024))
 
     class Threads:
         def __init__(self) -> None:
