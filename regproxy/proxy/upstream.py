@@ -47,6 +47,47 @@ class UpstreamError(Exception):
         return self.status in (401, 403)
 
 
+@dataclass(slots=True)
+class UpstreamState:
+    """What the newest outcome said about an upstream: /readyz reports it.
+
+    Written where requests complete (`Upstream.request`) and by the readiness probe;
+    the newest event wins, so a recovered upstream reads reachable again at once.
+    """
+
+    last_ok: float | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
+
+    def succeeded(self) -> None:
+        self.last_ok = time.time()
+
+    def failed(self, reason: str) -> None:
+        self.last_error, self.last_error_at = reason, time.time()
+
+    def record(self, status: int | None, error: UpstreamError | None) -> None:
+        """One request's outcome: a transport error, 429 and 5xx are failures."""
+        if error is not None:
+            self.failed(str(error))
+        elif status is not None and (status == 429 or status >= 500):
+            self.failed(f"HTTP {status}")
+        else:
+            self.succeeded()
+
+    @property
+    def checked_at(self) -> float | None:
+        """When anything was last learned (None: never)."""
+        times = [t for t in (self.last_ok, self.last_error_at) if t is not None]
+        return max(times) if times else None
+
+    @property
+    def reachable(self) -> bool | None:
+        """Whether the newest outcome was a success (None: nothing known yet)."""
+        if self.checked_at is None:
+            return None
+        return (self.last_ok or 0.0) >= (self.last_error_at or 0.0)
+
+
 class UpstreamObserver(Protocol):
     """Told the outcome of every upstream request: latency, status or error (metrics)."""
 
@@ -94,6 +135,7 @@ class Upstream:
         self._token_locks: dict[str, asyncio.Lock] = {}
         self._basic = False  # the upstream asked for Basic auth
         self.requests = 0  # requests sent (for metrics and tests)
+        self.state = UpstreamState()
         self.observer: UpstreamObserver | None = None
 
     # ---- authentication ----------------------------------------------------------------
@@ -178,18 +220,21 @@ class Upstream:
 
         The caller must release the response. Raises `UpstreamError` on transport
         errors; HTTP error statuses are returned for the caller to judge. Each outcome
-        is reported to `observer` (metrics), when one is set.
+        is recorded in `state` and reported to `observer` (metrics), when one is set.
         """
         started = time.perf_counter()
         try:
             resp = await self._request(method, path, scope, headers, params, small)
         except UpstreamError as exc:
-            if self.observer is not None:
-                self.observer.observe(self.name, time.perf_counter() - started, None, exc)
+            self._completed(started, None, exc)
             raise
-        if self.observer is not None:
-            self.observer.observe(self.name, time.perf_counter() - started, resp.status, None)
+        self._completed(started, resp.status, None)
         return resp
+
+    def _completed(self, started: float, status: int | None, error: UpstreamError | None) -> None:
+        self.state.record(status, error)
+        if self.observer is not None:
+            self.observer.observe(self.name, time.perf_counter() - started, status, error)
 
     async def _request(
         self,

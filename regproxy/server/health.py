@@ -8,9 +8,10 @@ commit writes to (it reports read-only mounts and immutable folders even to
 root), and a real probe file created and removed in the folder's temp area.
 
 Upstream reachability is reported, never fails readiness: the cache serves
-what it has while an upstream is down. It comes from the last real upstream
-requests and from a background probe (`GET <url>/v2/`, any HTTP answer counts
-as reachable) started by /readyz at most every `PROBE_INTERVAL` seconds; the
+what it has while an upstream is down. It is each upstream client's own
+`state` (`proxy.upstream.UpstreamState`): the newest of the last real request
+and a background probe (`GET <url>/v2/`, any answer below 500 counts as
+reachable) started by /readyz at most every `PROBE_INTERVAL` seconds; the
 probe never delays the answer.
 """
 
@@ -20,22 +21,24 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from regproxy.proxy.upstream import Upstream
 from regproxy.server.keys import CONFIG, OFFLOAD, PROXY, PROXY_STORE, REGISTRY
-from regproxy.server.metrics import METRICS, Handler
 from regproxy.storage.layout import temp_name
 
 HEALTHZ_PATH = "/healthz"
 READYZ_PATH = "/readyz"
 PROBE_INTERVAL = 30.0
 PROBE_TIMEOUT = aiohttp.ClientTimeout(total=5)
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
 def check_folder(folder: Path, writable: tuple[Path, ...], min_free: int) -> dict[str, Any]:
@@ -90,16 +93,9 @@ def check_storage(app: web.Application) -> dict[str, dict[str, Any]]:
 
 
 @dataclass
-class _Probe:
-    reachable: bool | None = None
-    checked_at: float | None = None
-    status: int | None = None
-    error: str | None = None
-
-
-@dataclass
 class UpstreamProbes:
-    results: dict[str, _Probe] = field(default_factory=dict)
+    """The background probe of every upstream; results go into each `Upstream.state`."""
+
     started: float = 0.0
     task: asyncio.Task[None] | None = None
 
@@ -107,59 +103,43 @@ class UpstreamProbes:
         idle = self.task is None or self.task.done()
         return idle and time.monotonic() - self.started >= PROBE_INTERVAL
 
-    async def run(self, urls: dict[str, str]) -> None:
+    async def run(self, upstreams: Iterable[Upstream]) -> None:
         async with aiohttp.ClientSession(timeout=PROBE_TIMEOUT) as session:
-            await asyncio.gather(*(self._one(session, name, url) for name, url in urls.items()))
+            await asyncio.gather(*(self._one(session, upstream) for upstream in upstreams))
 
-    async def _one(self, session: aiohttp.ClientSession, name: str, url: str) -> None:
-        probe = _Probe(checked_at=time.time())
+    async def _one(self, session: aiohttp.ClientSession, upstream: Upstream) -> None:
         try:
-            async with session.get(f"{url.rstrip('/')}/v2/", allow_redirects=False) as resp:
-                probe.status = resp.status
-                probe.reachable = resp.status < 500
-                if resp.status >= 500:
-                    probe.error = f"HTTP {resp.status}"
+            async with session.get(f"{upstream.base}/v2/", allow_redirects=False) as resp:
+                if resp.status < 500:
+                    upstream.state.succeeded()
+                else:
+                    upstream.state.failed(f"HTTP {resp.status}")
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            probe.reachable = False
-            probe.error = str(exc) or type(exc).__name__
-        self.results[name] = probe
+            upstream.state.failed(str(exc) or type(exc).__name__)
 
 
 PROBES = web.AppKey("upstream_probes", UpstreamProbes)
 
 
 def _upstreams(app: web.Application) -> dict[str, dict[str, Any]]:
-    """Each upstream: the newest of the background probe and the last real request."""
-    probes = app[PROBES]
+    """Each upstream as its client last saw it (real requests and the probe alike)."""
     if PROXY not in app:
         return {}
-    if app[PROXY].upstreams and probes.due():
+    upstreams = app[PROXY].upstreams
+    probes = app[PROBES]
+    if upstreams and probes.due():
         probes.started = time.monotonic()
-        urls = {name: u.base for name, u in app[PROXY].upstreams.items()}
-        probes.task = asyncio.ensure_future(probes.run(urls))
-    metrics = app.get(METRICS)
-    seen = metrics.upstreams.state if metrics is not None else {}
+        probes.task = asyncio.ensure_future(probes.run(list(upstreams.values())))
     report = {}
-    for name, upstream in app[PROXY].upstreams.items():
-        probe = probes.results.get(name, _Probe())
+    for name, upstream in upstreams.items():
+        state = upstream.state
         entry: dict[str, Any] = {
             "url": upstream.base,
-            "reachable": probe.reachable,
-            "checked_at": probe.checked_at,
+            "reachable": state.reachable,
+            "checked_at": state.checked_at,
         }
-        if probe.error:
-            entry["error"] = probe.error
-        state = seen.get(name)
-        if state is not None:
-            newest_ok = state.last_ok or 0.0
-            newest_error = state.last_error_at or 0.0
-            if max(newest_ok, newest_error) > (probe.checked_at or 0.0):
-                entry["reachable"] = newest_ok >= newest_error
-                entry["checked_at"] = max(newest_ok, newest_error)
-                if newest_error > newest_ok:
-                    entry["error"] = state.last_error
-                else:
-                    entry.pop("error", None)
+        if state.reachable is False:
+            entry["error"] = state.last_error
         report[name] = entry
     return report
 
@@ -195,7 +175,7 @@ async def _probes(app: web.Application) -> AsyncIterator[None]:
 
 
 def add_routes(router: web.UrlDispatcher, app: web.Application) -> None:
-    """The health routes of `app`, on its own router or the separate metrics listener's."""
+    """The health routes of `app`, on its own router or the ops listener's (`ops.py`)."""
     router.add_get(HEALTHZ_PATH, healthz_handler(app))
     router.add_get(READYZ_PATH, readyz_handler(app))
 

@@ -40,7 +40,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from regproxy import __version__
-from regproxy.config import Config, split_listen
+from regproxy.config import Config
 from regproxy.proxy.upstream import Upstream, UpstreamError
 from regproxy.server.keys import CONFIG, OFFLOAD, PROXY, PROXY_STORE, REGISTRY
 from regproxy.storage.runs import STATUS_DIR, read_run
@@ -163,15 +163,6 @@ def route_of(request: web.Request) -> str:
 # ---- upstreams --------------------------------------------------------------------------
 
 
-@dataclass
-class UpstreamState:
-    """What the last requests to one upstream showed (also read by /readyz)."""
-
-    last_ok: float | None = None
-    last_error: str | None = None
-    last_error_at: float | None = None
-
-
 class UpstreamMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.latency = Histogram(
@@ -189,26 +180,19 @@ class UpstreamMetrics:
             ["upstream", "reason"],
             registry=registry,
         )
-        self.state: dict[str, UpstreamState] = {}
 
     def instrument(self, upstream: Upstream) -> None:
         """Be told of every request `upstream` sends (manifests, blobs, tags, HEADs)."""
-        self.state.setdefault(upstream.name, UpstreamState())
         upstream.observer = self
 
     def observe(
         self, upstream: str, seconds: float, status: int | None, error: UpstreamError | None
     ) -> None:
         self.latency.labels(upstream).observe(seconds)
-        state = self.state.setdefault(upstream, UpstreamState())
         if error is not None:
             self.errors.labels(upstream, "auth" if error.denied else "connect").inc()
-            state.last_error, state.last_error_at = str(error), time.time()
         elif status is not None and (status == 429 or status >= 500):
             self.errors.labels(upstream, "http_429" if status == 429 else "http_5xx").inc()
-            state.last_error, state.last_error_at = f"HTTP {status}", time.time()
-        else:
-            state.last_ok = time.time()
 
 
 # ---- stores and offline runs ------------------------------------------------------------
@@ -475,7 +459,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def scrape_handler(app: web.Application) -> Handler:
-    """`GET /metrics` of `app` (also mounted on the separate metrics listener)."""
+    """`GET /metrics` of `app` (on its own router, or the ops listener's: `ops.py`)."""
 
     async def scrape(_request: web.Request) -> web.Response:
         metrics = app[METRICS]
@@ -503,32 +487,3 @@ def setup(app: web.Application) -> None:
     app.cleanup_ctx.append(_instrument_upstreams)
     if config.metrics.listen is None:
         app.router.add_get(METRICS_PATH, scrape_handler(app), allow_head=False)
-
-
-def ops_app(main: web.Application) -> web.Application:
-    """/metrics, /healthz and /readyz of `main`, for the separate `metrics.listen` address."""
-    from regproxy.server import health  # health imports this module
-
-    ops = web.Application()
-    ops.router.add_get(METRICS_PATH, scrape_handler(main), allow_head=False)
-    health.add_routes(ops.router, main)
-    return ops
-
-
-async def start_listener(main: web.Application) -> web.AppRunner | None:
-    """Listen on `metrics.listen` (when set); the caller cleans the runner up before `main`'s."""
-    listen = main[CONFIG].metrics.listen
-    if listen is None:
-        return None
-    host, port = split_listen(listen)
-    runner = web.AppRunner(ops_app(main), handle_signals=False, access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    for address in runner.addresses:
-        shown = f"[{address[0]}]" if ":" in address[0] else address[0]
-        log.info("metrics listening on http://%s:%d%s", shown, address[1], METRICS_PATH)
-    return runner

@@ -19,7 +19,7 @@ from aiohttp.web_server import Server
 
 from regproxy.config import Config
 from regproxy.errors import ConfigError
-from regproxy.server import metrics
+from regproxy.server import ops
 from regproxy.server.app import create_app
 
 log = logging.getLogger("regproxy")
@@ -128,7 +128,7 @@ async def serve(config: Config, version: str) -> None:
             shown = f"[{host}]" if ":" in host else host
             log.info("regproxy %s listening on %s://%s:%d", version, scheme, shown, port)
         try:
-            ops_runner = await metrics.start_listener(app)
+            ops_runner = await ops.start_listener(app)
         except OSError as exc:
             raise ListenError(str(config.metrics.listen), exc) from exc
         await stop.wait()

@@ -23,8 +23,10 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from tests.conftest import make_config, start_client
-from tests.proxy.conftest import wait_until
+from regproxy.server.keys import PROXY
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.inprocess import make_config, start_client
+from tests.support.proxy import fetch, wait_until
 from tests.support.tools import skip_or_fail
 
 pytestmark = pytest.mark.timeout(60)
@@ -201,3 +203,39 @@ async def test_upstream_reachability_is_reported_not_required(tmp_path: Path) ->
         if client is not None:
             await client.close()
         await upstream.close()
+
+
+async def test_readyz_reads_what_the_last_upstream_request_saw(tmp_path: Path) -> None:
+    """Between probes, a failed and then a successful pull move the upstream's state."""
+    fake = FakeUpstream()
+    await fake.start()
+    fake.add_image("lib/app", "v1")
+    client = await start_client(
+        make_config(tmp_path, proxy={"upstreams": {"fake": {"url": fake.url}}})
+    )
+    try:
+
+        async def probed() -> bool:
+            return (await readyz(client))[1]["upstreams"]["fake"]["reachable"] is not None
+
+        await wait_until(probed, what="the background upstream probe")
+        assert (await readyz(client))[1]["upstreams"]["fake"]["reachable"] is True
+
+        fake.fail(503, kinds={"manifest"})
+        pulled = await fetch(client, "GET", "/v2/p/fake/lib/app/manifests/v1")
+        assert pulled.status >= 500
+        state = client.app[PROXY].upstreams["fake"].state  # what /readyz reports
+        assert state.reachable is False and state.last_error == "HTTP 503"
+        status, body = await readyz(client)
+        assert status == 200  # an upstream never fails readiness
+        assert body["upstreams"]["fake"]["reachable"] is False
+        assert body["upstreams"]["fake"]["error"] == "HTTP 503"
+
+        fake.clear_faults()
+        assert (await fetch(client, "GET", "/v2/p/fake/lib/app/manifests/v1")).status == 200
+        entry = (await readyz(client))[1]["upstreams"]["fake"]
+        assert entry["reachable"] is True and "error" not in entry
+        assert entry["checked_at"] == state.last_ok
+    finally:
+        await client.close()
+        await fake.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,10 +12,10 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from regproxy.digest import Digest
 from regproxy.server import metrics as metrics_mod
+from regproxy.server import ops
 from regproxy.server.app import create_app
 from regproxy.server.keys import PROXY_STORE
 from regproxy.storage.runs import record_run
-from tests.conftest import make_config, start_client
 from tests.ops.helpers import (
     BLOB_ROUTE,
     MANIFEST_ROUTE,
@@ -25,9 +26,10 @@ from tests.ops.helpers import (
     parse,
     scrape,
 )
-from tests.proxy.conftest import fetch, wait_until
-from tests.proxy.fake_upstream import FakeUpstream
-from tests.server.oci import Image, make_image, push_image, sha256
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.inprocess import make_config, start_client
+from tests.support.oci import Image, make_image, push_image, sha256
+from tests.support.proxy import fetch, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -321,7 +323,7 @@ async def test_separate_metrics_listener(tmp_path: Path) -> None:
     app = create_app(config)
     client = TestClient(TestServer(app, host="127.0.0.1", port=0))
     await client.start_server()
-    runner = await metrics_mod.start_listener(app)
+    runner = await ops.start_listener(app)
     assert runner is not None
     try:
         assert (await client.get("/v2/")).status == 200
@@ -341,11 +343,51 @@ async def test_separate_metrics_listener(tmp_path: Path) -> None:
         await client.close()
 
 
+async def test_ops_listener_answers_like_the_main_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bad path on the ops listener: the OCI JSON 404 and an access line, no traceback."""
+    app = create_app(make_config(tmp_path, metrics={"listen": "127.0.0.1:0"}))
+    client = TestClient(TestServer(app, host="127.0.0.1", port=0))
+    await client.start_server()
+    runner = await ops.start_listener(app)
+    assert runner is not None
+    caplog.set_level(logging.INFO, logger="regproxy.access")
+    try:
+        host, port = runner.addresses[0][:2]
+        url = f"http://{host}:{port}/no/such/path"
+        async with client.session.get(url, headers={"X-Request-ID": "ops-404"}) as resp:
+            assert resp.status == 404
+            assert resp.content_type == "application/json"
+            body = await resp.json()
+            assert resp.headers["X-Request-ID"] == "ops-404"
+        assert body["errors"][0]["code"] == "NAME_UNKNOWN"
+        lines = [r for r in caplog.records if r.name == "regproxy.access"]
+        fields = [getattr(r, "access", {}) for r in lines]
+        assert any(
+            f.get("path") == "/no/such/path"
+            and f.get("status") == 404
+            and f["request_id"] == "ops-404"
+            for f in fields
+        ), fields
+        assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+        # the main app's request metrics count the registry's traffic, not the ops listener's
+        async with client.session.get(f"http://{host}:{port}/metrics") as resp:
+            samples = parse(await resp.text())
+        assert (
+            samples.get(
+                "regproxy_http_requests_total", method="GET", route="unmatched", status="404"
+            )
+            == 0
+        )
+    finally:
+        await runner.cleanup()
+        await client.close()
+
+
 def test_exposition_parses_with_no_state() -> None:
     """The families render (and parse) before any request or scan happened."""
-    from tests.conftest import make_config as mk
-
-    metrics = metrics_mod.Metrics(mk(Path("/nonexistent")))
+    metrics = metrics_mod.Metrics(make_config(Path("/nonexistent")))
     samples: Samples = parse(metrics.render().decode())
     assert samples.get("regproxy_http_requests_in_flight") == 0
     assert samples.get("regproxy_info", version=__import__("regproxy").__version__) == 1
