@@ -5,9 +5,11 @@ Checked in a fresh interpreter per module, so one test's imports cannot hide ano
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +18,7 @@ ABOVE_LEAVES = ["regproxy.storage", "regproxy.proxy", "regproxy.server", "regpro
 ABOVE_STORAGE = ["regproxy.proxy", "regproxy.server", "regproxy.cli", "aiohttp", "click", "rich"]
 ABOVE_ACCESS = ["regproxy.storage", "regproxy.proxy", "regproxy.server", "aiohttp"]
 ABOVE_PROXY = ["regproxy.server", "regproxy.cli", "click", "rich"]
+ABOVE_SERVER = ["regproxy.cli", "click", "rich"]
 
 LAYERS = {
     # module: packages it must not pull in
@@ -26,6 +29,10 @@ LAYERS = {
     "regproxy.reference": ABOVE_LEAVES,
     "regproxy.manifest": ABOVE_LEAVES,
     "regproxy.config": [*ABOVE_LEAVES, "aiohttp"],
+    "regproxy.storage.layout": ABOVE_STORAGE,
+    "regproxy.storage.fs": ABOVE_STORAGE,
+    "regproxy.storage.aio": ABOVE_STORAGE,
+    "regproxy.storage.runs": ABOVE_STORAGE,
     "regproxy.storage.store": ABOVE_STORAGE,
     "regproxy.storage.gc": ABOVE_STORAGE,
     "regproxy.storage.uploads": ABOVE_STORAGE,
@@ -35,8 +42,15 @@ LAYERS = {
     "regproxy.access.tokens": ABOVE_ACCESS,
     "regproxy.proxy.prefetch": ABOVE_PROXY,
     "regproxy.proxy.cache": ABOVE_PROXY,
-    "regproxy.server.app": ["regproxy.cli", "click", "rich"],
+    "regproxy.proxy.upstream": ABOVE_PROXY,
+    # the ops listener uses health and metrics; they know neither it nor each other
+    "regproxy.server.health": [*ABOVE_SERVER, "regproxy.server.metrics", "regproxy.server.ops"],
+    "regproxy.server.metrics": [*ABOVE_SERVER, "regproxy.server.health", "regproxy.server.ops"],
+    "regproxy.server.ops": ABOVE_SERVER,
+    "regproxy.server.app": ABOVE_SERVER,
 }
+#: the only package that imports inside functions (each command's module when it runs)
+LAZY_IMPORTS = "cli"
 
 
 def modules_loaded_by(code: str) -> set[str]:
@@ -60,3 +74,25 @@ def test_serve_loads_no_offline_command() -> None:
     assert "regproxy.cli.serve" in loaded
     for module in ("rich", "regproxy.cli.gc", "regproxy.cli.ls", "regproxy.cli.verify"):
         assert module not in loaded, f"serve pulls in {module}"
+
+
+def test_no_import_hidden_in_a_function() -> None:
+    """A function-local import of a regproxy module hides a cycle from the checks above."""
+    package = Path(__file__).resolve().parents[1] / "regproxy"
+    hidden = []
+    for path in sorted(package.rglob("*.py")):
+        if path.relative_to(package).parts[0] == LAZY_IMPORTS:
+            continue
+        for function in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(function):
+                if isinstance(node, ast.ImportFrom):
+                    names = [node.module or ""]
+                elif isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                else:
+                    continue
+                if any(n == "regproxy" or n.startswith("regproxy.") for n in names):
+                    hidden.append(f"{path.relative_to(package.parent)}:{node.lineno}")
+    assert not hidden, f"imports inside functions: {hidden}"
