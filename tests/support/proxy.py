@@ -191,12 +191,21 @@ def assert_proxied(pulled: Pulled) -> None:
     assert pulled.cache_status in CACHE_STATUSES, dict(pulled.headers)
 
 
-def assert_failed_cleanly(pulled: Pulled, expected: bytes) -> None:
-    """A failure is an error status or a broken body, never a complete wrong body."""
-    if pulled.status >= 500 or pulled.status == 429 or pulled.status == 0:
-        return
-    assert pulled.status in (200, 206), (pulled.status, pulled.body[:300])
+def assert_cut_short(pulled: Pulled, sent: bytes) -> None:
+    """An upstream body that went wrong after the proxy had answered 200 reaches the
+    client as a broken connection, never as a complete body: the proxy holds back the
+    last byte until the digest is verified. `sent` is what the upstream sent."""
+    assert pulled.status == 200, (pulled.status, pulled.body[:300])
     assert not pulled.complete, (
-        f"a complete-looking body ({len(pulled.body)} of {len(expected)} bytes, "
-        f"correct: {pulled.body == expected}) although the upstream's body was faulty"
+        f"a complete-looking body ({len(pulled.body)} of {len(sent)} bytes) "
+        "although the upstream's body was faulty"
     )
+    assert len(pulled.body) < len(sent)
+    assert pulled.body == sent[: len(pulled.body)], "the proxy changed the bytes it relayed"
+
+
+def assert_upstream_error(pulled: Pulled, status: int, code: str) -> None:
+    """The proxy answered `status` with the OCI error `code` (and a complete body)."""
+    assert pulled.status == status, (pulled.status, pulled.body[:300])
+    assert pulled.complete, pulled.error
+    assert pulled.oci_code() == code, pulled.body[:300]
