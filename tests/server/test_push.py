@@ -14,6 +14,7 @@ from tests.support.digests import sha256
 from tests.support.oci import (
     assert_error,
     descriptor,
+    list_referrers,
     make_artifact,
     make_image,
     make_index,
@@ -347,10 +348,21 @@ async def test_oci_subject_header(client: TestClient) -> None:
 
 
 async def test_subject_need_not_exist(client: TestClient) -> None:
-    """The spec lets a referrer be pushed before its subject."""
+    """The spec lets a referrer be pushed before its subject, and lists it at once."""
     ghost = make_image()
     artifact = make_artifact("application/vnd.example.sig", subject=ghost)
     await push_image(client, "ghost", artifact, artifact.digest)
+    resp = await client.get(f"/v2/ghost/manifests/{ghost.digest}")
+    await assert_error(resp, 404, "MANIFEST_UNKNOWN")
+    body = await list_referrers(client, "ghost", ghost.digest)
+    assert body["manifests"] == [
+        {
+            "mediaType": mf.OCI_MANIFEST,
+            "digest": artifact.digest,
+            "size": len(artifact.manifest),
+            "artifactType": "application/vnd.example.sig",
+        }
+    ]
 
 
 async def test_retag(client: TestClient) -> None:

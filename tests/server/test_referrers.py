@@ -10,6 +10,7 @@ from regproxy import manifest as mf
 from tests.support.digests import sha256
 from tests.support.oci import (
     assert_error,
+    list_referrers,
     make_artifact,
     make_image,
     make_index,
@@ -21,22 +22,12 @@ SIG = "application/vnd.example.signature.v1"
 SBOM = "application/vnd.example.sbom.v1+json"
 
 
-async def _referrers(client: TestClient, name: str, digest: str, query: str = "") -> dict:
-    resp = await client.get(f"/v2/{name}/referrers/{digest}{query}")
-    assert resp.status == 200, await resp.text()
-    assert resp.headers["Content-Type"] == mf.OCI_INDEX
-    body = await resp.json(content_type=None)
-    assert body["schemaVersion"] == 2
-    assert body["mediaType"] == mf.OCI_INDEX
-    return body
-
-
 async def test_empty_when_none(client: TestClient) -> None:
     """No referrers (or no repository at all) is an empty index, not a 404."""
     image = make_image()
     await push_image(client, "lonely", image, "v1")
     for name, digest in (("lonely", image.digest), ("nosuchrepo", sha256(b"x"))):
-        body = await _referrers(client, name, digest)
+        body = await list_referrers(client, name, digest)
         assert body["manifests"] == []
 
 
@@ -49,7 +40,7 @@ async def test_listing(client: TestClient) -> None:
     for artifact in (sig, sbom, unrelated):
         resp_digest = await push_image(client, "withrefs", artifact, artifact.digest)
         assert resp_digest == artifact.digest
-    body = await _referrers(client, "withrefs", subject.digest)
+    body = await list_referrers(client, "withrefs", subject.digest)
     found = {m["digest"]: m for m in body["manifests"]}
     assert set(found) == {sig.digest, sbom.digest}
     assert found[sig.digest] == {
@@ -62,7 +53,7 @@ async def test_listing(client: TestClient) -> None:
     assert found[sbom.digest]["artifactType"] == SBOM
     assert found[sbom.digest]["size"] == len(sbom.manifest)
     # referrers are per repository
-    body = await _referrers(client, "elsewhere", subject.digest)
+    body = await list_referrers(client, "elsewhere", subject.digest)
     assert body["manifests"] == []
 
 
@@ -78,7 +69,7 @@ async def test_config_media_type_is_artifact_type(client: TestClient) -> None:
         }
     )
     await push_image(client, "cfgtype", referrer, "ref")
-    body = await _referrers(client, "cfgtype", subject.digest)
+    body = await list_referrers(client, "cfgtype", subject.digest)
     assert [m["artifactType"] for m in body["manifests"]] == [
         "application/vnd.oci.image.config.v1+json"
     ]
@@ -122,7 +113,7 @@ async def test_index_as_referrer(client: TestClient) -> None:
     resp = await put_manifest(client, "idxref", "idx", data, mf.OCI_INDEX)
     assert resp.status == 201
     assert resp.headers["OCI-Subject"] == subject.digest
-    body = await _referrers(client, "idxref", subject.digest)
+    body = await list_referrers(client, "idxref", subject.digest)
     assert body["manifests"] == [
         {"mediaType": mf.OCI_INDEX, "digest": sha256(data), "size": len(data), "artifactType": SBOM}
     ]
@@ -136,7 +127,7 @@ async def test_referrer_pushed_by_tag_and_retagged(client: TestClient) -> None:
     sig = make_artifact(SIG, subject=subject)
     await push_image(client, "retagref", sig, "sig")
     await push_image(client, "retagref", make_image(), "sig")
-    body = await _referrers(client, "retagref", subject.digest)
+    body = await list_referrers(client, "retagref", subject.digest)
     assert [m["digest"] for m in body["manifests"]] == [sig.digest]
 
 

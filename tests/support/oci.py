@@ -185,6 +185,20 @@ async def push_image(
     return image.digest
 
 
+async def list_referrers(
+    client: TestClient, name: str, digest: str, query: str = ""
+) -> dict[str, Any]:
+    """The referrers index of `digest` in `name` (`query`: e.g. `?artifactType=...`),
+    checked to be a 200 OCI image index."""
+    resp = await client.get(f"/v2/{name}/referrers/{digest}{query}")
+    assert resp.status == 200, await resp.text()
+    assert resp.headers["Content-Type"] == mf.OCI_INDEX
+    body = await resp.json(content_type=None)
+    assert body["schemaVersion"] == 2
+    assert body["mediaType"] == mf.OCI_INDEX
+    return body
+
+
 def make_index(children: list[Image], media_type: str = mf.OCI_INDEX) -> tuple[bytes, str]:
     """An index (or Docker manifest list) over `children`; returns (bytes, digest)."""
     doc = {
