@@ -82,12 +82,15 @@ def _routes(app: web.Application, authenticator: auth.Authenticator | None) -> N
 
 
 async def _purge_uploads_forever(app: web.Application) -> None:
-    max_age = app[CONFIG].server.upload_max_age
-    interval = max(1.0, min(max_age / 4, 600.0))
+    """Drop abandoned upload sessions, often enough that they free the session limits
+    within about a quarter of the shorter of `upload_idle_timeout` and `upload_max_age`."""
+    server = app[CONFIG].server
+    max_age, idle_timeout = server.upload_max_age, server.upload_idle_timeout
+    interval = max(1.0, min(min(max_age, idle_timeout) / 4, 600.0))
     while True:
         await asyncio.sleep(interval)
         try:
-            removed = await app[OFFLOAD].run(app[UPLOADS].purge, max_age)
+            removed = await app[OFFLOAD].run(app[UPLOADS].purge, max_age, idle_timeout=idle_timeout)
             if removed:
                 log.info("purged %d stale upload session(s)", removed)
         except OSError as exc:

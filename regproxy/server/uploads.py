@@ -15,7 +15,6 @@ from regproxy.errors import (
     NameInvalid,
     RangeNotSatisfiable,
     SizeInvalid,
-    TooManyRequests,
 )
 from regproxy.reference import validate_name
 from regproxy.server.bodies import chunks, parse_content_range, take_body
@@ -173,10 +172,12 @@ async def start_upload(request: web.Request) -> web.Response:
     owner = _owner(request)
     client = owner or request.remote
     uploads = request.app[UPLOADS]
-    limit = request.app[CONFIG].server.max_uploads_per_client
-    if uploads.open_sessions(client) >= limit:
-        raise TooManyRequests(f"at most {limit} upload sessions may be open at once")
-    session = await offload.run(uploads.create, name, owner, client)
+    server = request.app[CONFIG].server
+    per_client, total = server.max_uploads_per_client, server.max_upload_sessions
+    uploads.check_room(client, per_client, total)  # refused without a thread hop when full
+    session = await offload.run(
+        uploads.create, name, owner, client, max_per_client=per_client, max_total=total
+    )
     if "digest" in request.query:
         return await _finish(request, session, monolithic=True)
     return web.Response(status=202, headers=_progress_headers(session))
@@ -194,16 +195,17 @@ async def _finish(request: web.Request, session: UploadSession, monolithic: bool
     async with _session_lock(request, session.id):
         # a request that waited for the lock may find the session finished or cancelled
         session = uploads.get(session.name, session.id, session.owner)
-        try:
-            await _receive_chunk(request, session)
-        except asyncio.CancelledError:
-            await _abort(request, session)
-            raise
-        except BaseException:
-            if monolithic:
-                await offload.run(uploads.cancel, session)
-            raise
-        await offload.run(uploads.finish, session, digest, request.app[REGISTRY])
+        with uploads.using(session):  # not purged while it receives or commits
+            try:
+                await _receive_chunk(request, session)
+            except asyncio.CancelledError:
+                await _abort(request, session)
+                raise
+            except BaseException:
+                if monolithic:
+                    await offload.run(uploads.cancel, session)
+                raise
+            await offload.run(uploads.finish, session, digest, request.app[REGISTRY])
     return _created(session.name, digest)
 
 
@@ -214,11 +216,12 @@ async def patch_upload(request: web.Request) -> web.Response:
     if lock.locked():
         raise BlobUploadInvalid("another request is writing to this upload")
     async with lock:
-        try:
-            await _receive_chunk(request, session)
-        except asyncio.CancelledError:
-            await _abort(request, session)
-            raise
+        with request.app[UPLOADS].using(session):  # not purged mid-body
+            try:
+                await _receive_chunk(request, session)
+            except asyncio.CancelledError:
+                await _abort(request, session)
+                raise
     return web.Response(status=202, headers=_progress_headers(session))
 
 

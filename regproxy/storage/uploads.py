@@ -8,6 +8,11 @@
 The running sha256 lives in memory; a session found on disk after a restart
 has none, and `finish` re-hashes its file instead. Writes and hashing happen
 in one call per chunk so the server can do both in one thread hop.
+
+Limits: `create` refuses sessions beyond a per-client and a global count (both
+checked and taken under one lock, so concurrent creates cannot overshoot), and
+`purge` drops sessions idle too long or started too long ago, never one a
+request is using (`using`): abandoned sessions free their slots on their own.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from regproxy.digest import Digest, Hasher, new_hasher
-from regproxy.errors import BlobUploadUnknown, DigestInvalid
+from regproxy.errors import BlobUploadUnknown, DigestInvalid, TooManyRequests
 from regproxy.storage.fs import DirectWriter, remove_tree
 from regproxy.storage.store import Store
 
@@ -45,6 +50,7 @@ class UploadSession:
     owner: str | None = None
     touched: float = 0.0
     client: str | None = None  # user or address, for the per-client session limit
+    users: int = 0  # requests writing to or finishing it right now: never purged meanwhile
 
     @property
     def data_path(self) -> Path:
@@ -59,27 +65,89 @@ class Uploads:
         self.direct_from = DIRECT_FROM if direct_writes else None
         self.root.mkdir(parents=True, exist_ok=True)
         self._live: dict[str, UploadSession] = {}
+        #: ids `purge` is removing: a concurrent `get` must not load them back from disk
+        self._purging: set[str] = set()
         self._lock = threading.Lock()
 
     def create(
-        self, name: str, owner: str | None = None, client: str | None = None
+        self,
+        name: str,
+        owner: str | None = None,
+        client: str | None = None,
+        *,
+        max_per_client: int | None = None,
+        max_total: int | None = None,
     ) -> UploadSession:
+        """A new session; `TooManyRequests` when `client` already holds `max_per_client`
+        sessions or all clients together `max_total`."""
         upload_id = uuid.uuid4().hex
         folder = self.root / upload_id
-        folder.mkdir()
         now = time.time()
-        info = {"name": name, "owner": owner, "started": now}
-        (folder / "info").write_text(json.dumps(info))
-        (folder / "data").touch()
         session = UploadSession(upload_id, name, folder, 0, new_hasher(), now, owner, now, client)
         with self._lock:
+            # counted from here on, before its files exist: no concurrent create overshoots
+            self._check_room(client, max_per_client, max_total)
             self._live[upload_id] = session
+        try:
+            folder.mkdir()
+            info = {"name": name, "owner": owner, "started": now}
+            (folder / "info").write_text(json.dumps(info))
+            (folder / "data").touch()
+        except BaseException:
+            with self._lock:
+                self._live.pop(upload_id, None)
+            remove_tree(folder)
+            raise
         return session
+
+    def check_room(
+        self, client: str | None, max_per_client: int | None, max_total: int | None
+    ) -> None:
+        """`TooManyRequests` unless one more session fits (a cheap early refusal; `create`
+        checks again when it takes the slot)."""
+        with self._lock:
+            self._check_room(client, max_per_client, max_total)
+
+    def _check_room(
+        self, client: str | None, max_per_client: int | None, max_total: int | None
+    ) -> None:
+        if max_total is not None and len(self._live) >= max_total:
+            raise TooManyRequests(
+                f"the registry already holds its maximum of {max_total} open upload "
+                "sessions; retry later (abandoned sessions expire)"
+            )
+        if max_per_client is not None:
+            held = sum(1 for s in self._live.values() if s.client == client)
+            if held >= max_per_client:
+                raise TooManyRequests(
+                    f"at most {max_per_client} upload sessions may be open at once per client"
+                )
 
     def open_sessions(self, client: str | None) -> int:
         """How many live sessions `client` holds (for the per-client limit)."""
         with self._lock:
             return sum(1 for s in self._live.values() if s.client == client)
+
+    def open_total(self) -> int:
+        """How many live sessions all clients hold together (for the global limit)."""
+        with self._lock:
+            return len(self._live)
+
+    @contextlib.contextmanager
+    def using(self, session: UploadSession) -> Iterator[None]:
+        """Keep `purge` off the session while a request writes to or finishes it; its
+        idle time restarts when the request ends. `BlobUploadUnknown` when it was purged
+        or cancelled since the request looked it up."""
+        with self._lock:
+            if self._live.get(session.id) is not session:
+                raise BlobUploadUnknown(detail={"uuid": session.id})
+            session.users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                session.users -= 1
+                session.touched = time.time()
 
     def get(self, name: str, upload_id: str, owner: str | None = None) -> UploadSession:
         """The session `upload_id` of repository `name` started by `owner`.
@@ -116,6 +184,8 @@ class Uploads:
             time.time(),
         )
         with self._lock:
+            if upload_id in self._purging:
+                return None
             session = self._live.setdefault(upload_id, session)
         return session
 
@@ -202,22 +272,65 @@ class Uploads:
         session.offset = offset
         session.hasher = None
 
-    def purge(self, max_age: float, now: float | None = None) -> int:
-        """Remove sessions idle for longer than `max_age` seconds; return how many."""
+    def purge(
+        self, max_age: float, now: float | None = None, idle_timeout: float | None = None
+    ) -> int:
+        """Remove sessions started more than `max_age` seconds ago, or that received
+        nothing for more than `idle_timeout` seconds; return how many.
+
+        A session a request is using (`using`) is left alone, however old: it is looked
+        at again on the next purge. Its next request after removal is `BlobUploadUnknown`.
+        """
         now = time.time() if now is None else now
+
+        def expired(started: float, last: float) -> bool:
+            if now - started > max_age:
+                return True
+            return idle_timeout is not None and now - last > idle_timeout
+
+        with self._lock:
+            ids = set(self._live)
+        with os.scandir(self.root) as entries:
+            ids.update(entry.name for entry in entries if entry.is_dir())
         removed = 0
-        for entry in os.scandir(self.root):
-            if not entry.is_dir():
-                continue
+        for upload_id in ids:
+            folder = self.root / upload_id
             with self._lock:
-                live = self._live.get(entry.name)
+                live = self._live.get(upload_id)
+            if live is not None:
+                if live.users or not expired(live.started, live.touched):
+                    continue
+            else:
+                times = self._times_on_disk(folder)
+                if times is None or not expired(*times):
+                    continue
+            with self._lock:
+                # decided again under the lock: a request may have taken it meanwhile
+                live = self._live.get(upload_id)
+                if live is not None:
+                    if live.users or not expired(live.started, live.touched):
+                        continue
+                    del self._live[upload_id]
+                self._purging.add(upload_id)
             try:
-                last = live.touched if live else os.stat(Path(entry.path) / "data").st_mtime
-            except OSError:
-                last = 0.0
-            if now - last > max_age:
+                remove_tree(folder)
+            finally:
                 with self._lock:
-                    self._live.pop(entry.name, None)
-                remove_tree(Path(entry.path))
-                removed += 1
+                    self._purging.discard(upload_id)
+            removed += 1
         return removed
+
+    @staticmethod
+    def _times_on_disk(folder: Path) -> tuple[float, float] | None:
+        """(started, last written) of a session this process does not hold in memory;
+        None when it is gone already."""
+        try:
+            last = os.stat(folder).st_mtime  # a folder still being created counts as new
+        except OSError:
+            return None
+        with contextlib.suppress(OSError):
+            last = max(last, os.stat(folder / "data").st_mtime)
+        started = last
+        with contextlib.suppress(OSError, ValueError, TypeError, LookupError, AttributeError):
+            started = float(json.loads((folder / "info").read_text())["started"])
+        return started, last
