@@ -396,9 +396,9 @@ async def test_wrong_methods(
 
 
 async def test_oversized_request_line(client: TestClient) -> None:
-    """A URL beyond the parser's limits is a 4xx, not a crash."""
+    """A URL beyond the parser's limits is 400 from aiohttp's parser, not a crash."""
     resp = await _raw(client, f"GET /v2/{'a/' * 5000}x/tags/list HTTP/1.1")
-    assert 400 <= resp.status < 500
+    assert resp.status == 400, resp.body[:200]
     resp = await client.get("/v2/")
     assert resp.status == 200
 
@@ -420,7 +420,7 @@ async def test_garbage_headers_on_manifest_get(client: TestClient, snapshot: set
     """A garbled Accept still gets the manifest; a garbled Range on a blob is 416.
 
     416 names the blob's length (`Content-Range: bytes */<size>`, RFC 9110 15.5.17), so a
-    client that sent a bad resume offset can start over; the body is empty.
+    client that sent a bad resume offset can start over.
     """
     resp = await client.get(
         "/v2/ok/manifests/v1", headers={"Accept": "garbage;;;q=abc, */*;q=x, \xff"}
@@ -431,7 +431,6 @@ async def test_garbage_headers_on_manifest_get(client: TestClient, snapshot: set
     )
     assert resp.status == 416, await resp.text()
     assert resp.headers["Content-Range"] == f"bytes */{len(EMPTY_BYTES)}"
-    assert await resp.read() == b""
 
 
 @pytest.mark.parametrize(
