@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import sys
+import tomllib
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,11 +24,6 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from regproxy.errors import ConfigError
 from regproxy.reference import UPSTREAM_NAME_RE
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 DEFAULT_CONFIG_NAME = "configuration.toml"
 ENV_PREFIX = "REGPROXY_"
@@ -91,13 +86,8 @@ class Secret(str):
 @dataclass(frozen=True)
 class ServerConfig:
     listen: str = "127.0.0.1:5000"
-    #: upload sessions are purged this long after they started, even if still in use
-    #: (never in the middle of a body)
+    #: idle upload sessions older than this are purged
     upload_max_age: Duration = Duration(86400)
-    #: upload sessions that received nothing for this long are purged (abandoned pushes)
-    upload_idle_timeout: Duration = Duration(900)
-    #: upload sessions open at once, all clients together (beyond: 429)
-    max_upload_sessions: int = 1000
     #: how long in-flight requests may run on in a graceful stop
     shutdown_timeout: Duration = Duration(30)
     #: serve HTTPS directly (PEM files); SIGHUP reloads them
