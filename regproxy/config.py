@@ -86,8 +86,13 @@ class Secret(str):
 @dataclass(frozen=True)
 class ServerConfig:
     listen: str = "127.0.0.1:5000"
-    #: idle upload sessions older than this are purged
+    #: upload sessions are purged this long after they started, even if still in use
+    #: (never in the middle of a body)
     upload_max_age: Duration = Duration(86400)
+    #: upload sessions that received nothing for this long are purged (abandoned pushes)
+    upload_idle_timeout: Duration = Duration(900)
+    #: upload sessions open at once, all clients together (beyond: 429)
+    max_upload_sessions: int = 1000
     #: how long in-flight requests may run on in a graceful stop
     shutdown_timeout: Duration = Duration(30)
     #: serve HTTPS directly (PEM files); SIGHUP reloads them
