@@ -20,6 +20,7 @@ import random
 import time
 from dataclasses import dataclass, field
 
+import pytest
 from aiohttp.test_utils import TestClient
 
 from regproxy import manifest as mf
@@ -36,6 +37,8 @@ from tests.server.oci import (
     sha256,
 )
 from tests.storage.helpers import assert_pullable
+
+pytestmark = pytest.mark.slow  # a soak of DURATION seconds: out of the inner loop
 
 DURATION = float(os.environ.get("GC_STRESS_SECONDS", "6"))  # longer soak runs: set it
 PUSHERS = 4

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Generator, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +91,13 @@ def pytest_runtest_makereport(
             if server is not None and hasattr(server, "log_tail"):
                 report.sections.append((f"{name} log (last lines)", server.log_tail()))
     return report
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own hook deselects by `-m`
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test here `clients`: the slowest group, which the inner loop can leave
+    out with `-m "not clients"` (CI runs everything)."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in item.path.parents:
+            item.add_marker(pytest.mark.clients)

@@ -19,13 +19,13 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 PACKAGING = REPO_ROOT / "packaging"
 VERSION = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"]
 
-pytestmark = pytest.mark.timeout(1200)
+pytestmark = [pytest.mark.packaging, pytest.mark.timeout(1200)]
 
 
 @pytest.fixture(scope="session")
 def binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if importlib.util.find_spec("PyInstaller") is None:
-        skip_or_fail("PyInstaller is not installed (pip install -e '.[test]')")
+        skip_or_fail("PyInstaller is not installed (pip install -e '.[build]')")
     dist = tmp_path_factory.mktemp("dist")
     run(
         ["bash", PACKAGING / "build.sh", dist],

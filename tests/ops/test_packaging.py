@@ -10,6 +10,8 @@ import pytest
 
 from tests.support.tools import require_tool
 
+pytestmark = pytest.mark.packaging
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 UNITS = REPO_ROOT / "packaging" / "systemd"
 NAMES = ("regproxy.service", "regproxy-gc.service", "regproxy-gc.timer")
