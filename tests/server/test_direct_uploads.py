@@ -14,93 +14,61 @@ import os
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiohttp
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from regproxy.config import Config
-from regproxy.server import runner as runner_mod
-from regproxy.server.app import create_app
 from regproxy.server.keys import OFFLOAD
-from regproxy.server.uploads import SESSION_LOCKS
 from regproxy.sockbody import BLOCK, DIRECT_MIN
 from regproxy.storage import uploads as uploads_mod
 from tests.support.certs import TestCA
 from tests.support.digests import sha256
 from tests.support.inprocess import make_config
-from tests.support.oci import assert_error, envelope_codes, stored_files
+from tests.support.oci import assert_error, stored_files
+from tests.support.served import (
+    ServedRegistry,
+    blob_status,
+    closed_by_server,
+    closes,
+    finish_upload,
+    get_blob,
+    read_answer,
+    request_head,
+    serve_registry,
+    start_session,
+    upload_id,
+    upload_offset,
+)
 
 MIB = 1024 * 1024
+
+
+# tests/server/test_body_rate.py still imports Registry and the upload helpers from here;
+# to be updated to tests.support.served
+Registry = ServedRegistry
 
 
 # ---- helpers -------------------------------------------------------------------------------
 
 
-@dataclass
-class Registry:
-    """A regproxy app on a `GuardedRunner` (as `regproxy serve` runs it) on 127.0.0.1."""
-
-    config: Config
-    app: web.Application
-    runner: web.AppRunner
-    port: int
-    http: aiohttp.ClientSession
-    stopped: bool = False
-    sockets: list[asyncio.StreamWriter] = field(default_factory=list)
-
-    @property
-    def uploads_root(self) -> Path:
-        return Path(self.config.temporary_registry_storage) / "uploads"
-
-    def data_file(self, location: str) -> Path:
-        return self.uploads_root / upload_id(location) / "data"
-
-    def busy(self, location: str) -> bool:
-        """A request holds the session's lock (it is receiving a body)."""
-        lock = self.app[SESSION_LOCKS].get(upload_id(location))
-        return lock is not None and lock.locked()
-
-    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-        self.sockets.append(writer)
-        return reader, writer
-
-    async def stop(self) -> None:
-        if not self.stopped:
-            self.stopped = True
-            await self.runner.cleanup()
-
-
 @pytest.fixture
-async def serve(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Registry]]]:
-    started: list[Registry] = []
+async def serve(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[ServedRegistry]]]:
+    """Start regproxy the way `regproxy serve` does (default: a fresh configuration);
+    everything started is closed at teardown."""
+    started: list[ServedRegistry] = []
 
     async def start(
         config: Config | None = None,
         shutdown_timeout: float = 60.0,
         client_ssl: ssl.SSLContext | None = None,
-    ) -> Registry:
-        config = config or make_config(tmp_path)
-        app = create_app(config)
-        runner = runner_mod.GuardedRunner(
-            app, handle_signals=False, shutdown_timeout=shutdown_timeout, keepalive_timeout=75
+    ) -> ServedRegistry:
+        registry = await serve_registry(
+            config or make_config(tmp_path),
+            shutdown_timeout=shutdown_timeout,
+            client_ssl=client_ssl,
         )
-        await runner.setup()
-        server_ssl = runner_mod.tls_context(config)
-        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ssl)
-        await site.start()
-        port = int(runner.addresses[0][1])
-        scheme = "https" if server_ssl is not None else "http"
-        http = aiohttp.ClientSession(
-            base_url=f"{scheme}://127.0.0.1:{port}",
-            timeout=aiohttp.ClientTimeout(total=30),
-            connector=aiohttp.TCPConnector(ssl=client_ssl) if client_ssl else None,
-        )
-        registry = Registry(config, app, runner, port, http)
         started.append(registry)
         return registry
 
@@ -108,107 +76,15 @@ async def serve(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Registr
         yield start
     finally:
         for registry in started:
-            for writer in registry.sockets:
-                writer.close()
-            await registry.http.close()
-            await registry.stop()
-
-
-def upload_id(location: str) -> str:
-    return location.rstrip("/").rsplit("/", 1)[1].split("?")[0]
-
-
-def request_head(method: str, target: str, *headers: str, length: int | None = None) -> bytes:
-    """A request head for a raw socket; keep-alive unless a header says otherwise."""
-    lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", *headers]
-    if length is not None:
-        lines.append(f"Content-Length: {length}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-
-@dataclass
-class Answer:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def codes(self) -> list[str]:
-        return envelope_codes(self.body)
-
-
-async def read_answer(reader: asyncio.StreamReader, timeout: float = 10.0) -> Answer:
-    """One response from a raw socket (Content-Length framed, as regproxy answers)."""
-    async with asyncio.timeout(timeout):
-        head = await reader.readuntil(b"\r\n\r\n")
-        status_line, *lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
-        headers = {}
-        for line in lines:
-            key, _, value = line.partition(":")
-            headers[key.strip().lower()] = value.strip()
-        body = await reader.readexactly(int(headers.get("content-length", "0")))
-    return Answer(int(status_line.split()[1]), headers, body)
-
-
-async def closed_by_server(reader: asyncio.StreamReader, timeout: float = 5.0) -> bool:
-    """The server closed the connection (EOF or reset) within `timeout`."""
-    try:
-        async with asyncio.timeout(timeout):
-            return await reader.read() == b""
-    except ConnectionError:
-        return True
+            await registry.close()
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll every 10 ms: a request holding a session's lock is a short window."""
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.01)
-
-
-async def start_session(http: aiohttp.ClientSession | TestClient, name: str) -> str:
-    resp = await http.post(f"/v2/{name}/blobs/uploads/")
-    assert resp.status == 202, await resp.text()
-    return resp.headers["Location"]
-
-
-async def get_blob(http: aiohttp.ClientSession | TestClient, name: str, digest: str) -> bytes:
-    resp = await http.get(f"/v2/{name}/blobs/{digest}")
-    assert resp.status == 200, await resp.text()
-    return await resp.read()
-
-
-async def blob_status(http: aiohttp.ClientSession | TestClient, name: str, digest: str) -> int:
-    resp = await http.head(f"/v2/{name}/blobs/{digest}")
-    return resp.status
-
-
-async def upload_offset(http: aiohttp.ClientSession | TestClient, location: str) -> int:
-    """The session's offset as the server reports it (`Range: 0-<offset-1>`)."""
-    resp = await http.get(location)
-    assert resp.status == 204, await resp.text()
-    end = int(resp.headers["Range"].split("-")[1])
-    # `Range: 0-0` is both "nothing" and "one byte"; no test here stores a single byte
-    return 0 if end == 0 else end + 1
-
-
-def closes(resp: aiohttp.ClientResponse) -> bool:
-    return resp.headers.get("Connection", "").lower() == "close"
-
-
-async def finish_upload(
-    http: aiohttp.ClientSession | TestClient, location: str, data: bytes, offset: int
-) -> None:
-    """Send `data[offset:]` (a PATCH with Content-Range), then PUT ?digest=."""
-    if offset < len(data):
-        resp = await http.patch(
-            location,
-            data=data[offset:],
-            headers={"Content-Range": f"{offset}-{len(data) - 1}"},
-        )
-        assert resp.status == 202, await resp.text()
-        location = resp.headers["Location"]
-    resp = await http.put(f"{location}?digest={sha256(data)}")
-    assert resp.status == 201, await resp.text()
 
 
 # ---- whole bodies, every way to push ---------------------------------------------------------
@@ -571,7 +447,7 @@ async def test_stalled_large_bodies_do_not_starve_other_requests(
 # ---- shutdown ---------------------------------------------------------------------------------
 
 
-async def stall_then_stop(registry: Registry, announced: int, sent: int) -> tuple[float, str]:
+async def stall_then_stop(registry: ServedRegistry, announced: int, sent: int) -> tuple[float, str]:
     """A PATCH announcing `announced` bytes stalls after `sent`; then the server stops.
     Returns how long the stop took and the session's Location."""
     data = os.urandom(sent)
