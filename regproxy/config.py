@@ -110,6 +110,9 @@ class ServerConfig:
     #: large uploads: bytes past the first 64 MiB bypass the page cache (O_DIRECT); turn
     #: off where direct I/O is slow, such as temporary storage on NFS
     direct_writes: bool = True
+    #: request bodies held in memory at once, all requests together (manifests); past it
+    #: a body waits briefly for room, then is refused with 429
+    body_memory: ByteSize = ByteSize(64 * 1024 * 1024)
 
     @property
     def host(self) -> str:

@@ -117,6 +117,12 @@ class Unsupported(RegistryError):
     code, status, default_message = "UNSUPPORTED", 405, "the operation is unsupported"
 
 
+class BodyEncodingUnsupported(Unsupported):
+    """A request body sent with a content coding: registries take bodies as they are."""
+
+    status, default_message = 400, "request bodies are accepted without Content-Encoding only"
+
+
 class PaginationInvalid(RegistryError):
     code, status, default_message = "PAGINATION_NUMBER_INVALID", 400, "invalid number of results"
 

@@ -16,6 +16,16 @@ from regproxy.digest import Digest
 from regproxy.errors import DigestInvalid, ManifestInvalid, ManifestTooLarge
 
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+#: Manifests up to this size are hashed and parsed on the event loop (microseconds);
+#: larger ones on the storage threads.
+INLINE_LIMIT = 64 * 1024
+#: What a manifest may cost to parse, counted on the bytes before any object is built:
+#: JSON objects and arrays, and elements. A 4 MiB index of real descriptors stays far
+#: below both; `[{},{},…]` or `[1,1,…]` of the same size would build millions of objects.
+MAX_JSON_CONTAINERS = 100_000
+MAX_JSON_ELEMENTS = 200_000
+#: Descriptor sizes are int64 on every client (Go's `int64`, Java's `long`).
+MAX_DESCRIPTOR_SIZE = 2**63 - 1
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -88,8 +98,8 @@ def _descriptor(raw: Any, where: str) -> Descriptor:
     digest = raw.get("digest")
     if not isinstance(media_type, str) or not media_type:
         raise ManifestInvalid(f"{where}.mediaType is missing")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise ManifestInvalid(f"{where}.size is not a non-negative integer")
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_DESCRIPTOR_SIZE:
+        raise ManifestInvalid(f"{where}.size is not a non-negative 64-bit integer")
     if not isinstance(digest, str):
         raise ManifestInvalid(f"{where}.digest is missing")
     try:
@@ -129,12 +139,20 @@ def detect_media_type(doc: dict[str, Any], content_type: str | None) -> str:
     return media_type
 
 
+def _no_constants(name: str) -> Any:
+    """NaN and ±Infinity are not JSON (RFC 8259); Go and Java clients refuse to parse them."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def parse(data: bytes, content_type: str | None = None) -> Manifest:
     """Parse and validate manifest bytes; raise `ManifestInvalid` with a reason."""
     if len(data) > MAX_MANIFEST_SIZE:
         raise ManifestTooLarge(f"manifest is larger than {MAX_MANIFEST_SIZE} bytes")
+    containers = data.count(b"{") + data.count(b"[")
+    if containers > MAX_JSON_CONTAINERS or data.count(b",") > MAX_JSON_ELEMENTS:
+        raise ManifestInvalid("manifest has more JSON objects or elements than any image needs")
     try:
-        doc = json.loads(data)
+        doc = json.loads(data, parse_constant=_no_constants)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ManifestInvalid(f"manifest is not valid JSON: {exc}") from None
     except RecursionError:

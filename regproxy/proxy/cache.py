@@ -115,6 +115,31 @@ def _error_for(exc: UpstreamError, not_found: type[RegistryError], what: str) ->
     return UpstreamUnavailable(f"upstream unavailable for {what}: {exc}")
 
 
+async def _read_manifest_body(resp: aiohttp.ClientResponse) -> bytes:
+    """The whole manifest body, however it arrives in pieces, capped at the manifest size.
+
+    One `read(n)` returns what has arrived so far, not `n` bytes: a large index would be
+    cut short. A body shorter than its Content-Length is never taken for a manifest, even
+    when no `Docker-Content-Digest` comes to prove it wrong.
+    """
+    expected = resp.content_length
+    if expected is not None and expected > mf.MAX_MANIFEST_SIZE:
+        raise UpstreamError(f"upstream manifest of {expected} bytes is too large")
+    parts: list[bytes] = []
+    total = 0
+    while True:
+        piece = await resp.content.read(mf.MAX_MANIFEST_SIZE + 1 - total)
+        if not piece:
+            break
+        parts.append(piece)
+        total += len(piece)
+        if total > mf.MAX_MANIFEST_SIZE:
+            raise UpstreamError("upstream manifest is too large")
+    if expected is not None and total != expected:
+        raise UpstreamError(f"upstream manifest body has {total} of {expected} bytes")
+    return b"".join(parts)
+
+
 class ProxyCache:
     """The pull-through cache of every configured upstream."""
 
@@ -285,9 +310,7 @@ class ProxyCache:
             try:
                 if resp.status != 200:
                     raise UpstreamError(f"GET manifest answered {resp.status}", resp.status)
-                data = await resp.content.read(mf.MAX_MANIFEST_SIZE + 1)
-                if len(data) > mf.MAX_MANIFEST_SIZE:
-                    raise UpstreamError("upstream manifest is too large")
+                data = await _read_manifest_body(resp)
                 content_type = resp.headers.get("Content-Type")
                 header_digest = resp.headers.get("Docker-Content-Digest")
             finally:
@@ -296,7 +319,12 @@ class ProxyCache:
             raise UpstreamError(f"reading manifest failed: {exc!r}") from None
         self.stats.count(self.stats.upstream_bytes, target.upstream, len(data))
         algorithm = reference.partition(":")[0] if ":" in reference else "sha256"
-        digest = of_bytes(data, algorithm)
+        small = len(data) <= mf.INLINE_LIMIT
+        digest = (
+            of_bytes(data, algorithm)
+            if small
+            else await self.offload.run(of_bytes, data, algorithm)
+        )
         if ":" in reference and str(digest) != reference:
             raise UpstreamError(f"upstream manifest does not match {reference}")
         if (
@@ -306,7 +334,11 @@ class ProxyCache:
         ):
             raise UpstreamError("upstream manifest does not match its Docker-Content-Digest")
         try:
-            parsed = mf.parse(data, content_type)
+            parsed = (
+                mf.parse(data, content_type)
+                if small
+                else await self.offload.run(mf.parse, data, content_type)
+            )
         except ManifestInvalid as exc:
             raise UpstreamError(f"upstream sent an invalid manifest: {exc.message}") from None
         await self.offload.run(

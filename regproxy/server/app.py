@@ -24,7 +24,8 @@ from regproxy.server import (
     referrers,
     uploads,
 )
-from regproxy.server.keys import CONFIG, OFFLOAD, PROXY, PROXY_STORE, REGISTRY, UPLOADS
+from regproxy.server.budget import MemoryBudget
+from regproxy.server.keys import BODY_BUDGET, CONFIG, OFFLOAD, PROXY, PROXY_STORE, REGISTRY, UPLOADS
 from regproxy.server.middleware import add_api_version, errors_middleware
 from regproxy.storage import gc
 from regproxy.storage.aio import Offload
@@ -37,6 +38,7 @@ log = logging.getLogger("regproxy.server")
 
 NAME = "{name:[^{}]+}"
 EVICTION_INTERVAL = 10.0
+TOKEN_FORM_MAX = 64 * 1024
 
 
 def _route_table() -> list[tuple[str, str, auth.Handler, str]]:
@@ -153,7 +155,12 @@ def create_app(config: Config) -> web.Application:
         # no auth middleware at all without auth: one coroutine less on every request
         middlewares=[logs.access_middleware, errors_middleware]
         + ([auth.auth_middleware] if authenticator is not None else []),
-        handler_args={"max_field_size": 16384},
+        # bodies are taken as sent: a content coding is refused (middleware), never
+        # inflated, so a deflate bomb costs nothing
+        handler_args={"max_field_size": 16384, "auto_decompress": False},
+        # only the token endpoint's form is read whole by aiohttp; manifests have their
+        # own cap and budget (bodies.read_capped), blobs are streamed
+        client_max_size=TOKEN_FORM_MAX,
     )
     if authenticator is not None:
         app[auth.AUTH] = authenticator
@@ -163,6 +170,7 @@ def create_app(config: Config) -> web.Application:
 
         app.on_cleanup.append(close_authenticator)
     app[CONFIG] = config
+    app[BODY_BUDGET] = MemoryBudget(config.server.body_memory)
     app[uploads.SESSION_LOCKS] = weakref.WeakValueDictionary()
     app.cleanup_ctx.append(_resources)
     app.on_response_prepare.append(add_api_version)

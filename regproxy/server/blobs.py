@@ -8,7 +8,7 @@ from regproxy.digest import Digest
 from regproxy.server import proxied
 from regproxy.server.keys import OFFLOAD, REGISTRY
 from regproxy.server.names import local_name_for_write, read_target
-from regproxy.server.responses import blob_file_response, blob_head_response
+from regproxy.server.responses import blob_head_response, send_blob_file
 
 
 async def get_blob(request: web.Request) -> web.StreamResponse:
@@ -20,8 +20,8 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     store = request.app[REGISTRY]
     size = store.blob_size(name, digest)  # inline: two stat calls; BlobUnknown when not visible
     if request.method == "HEAD":
-        return blob_head_response(digest, size)
-    return blob_file_response(store, digest)
+        return blob_head_response(request, digest, size)
+    return await send_blob_file(request, store, digest, request.app[OFFLOAD])
 
 
 async def delete_blob(request: web.Request) -> web.Response:

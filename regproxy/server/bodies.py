@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from regproxy.errors import BlobUploadInvalid, ManifestTooLarge, RangeNotSatisfiable
-from regproxy.server.keys import CLOSE_AFTER, CONFIG
+from regproxy.server.keys import BODY_BUDGET, CLOSE_AFTER, CONFIG
 from regproxy.sockbody import TakenBody, direct_length, take_over
 
 #: Bytes gathered before one write+hash thread hop.
@@ -57,18 +58,24 @@ async def pieces(request: web.Request) -> AsyncIterator[bytes]:
         yield data
 
 
-async def read_capped(request: web.Request, limit: int) -> bytes:
-    """The whole body, refusing (413) anything larger than `limit` bytes."""
-    if request.content_length is not None and request.content_length > limit:
-        raise ManifestTooLarge(f"body of {request.content_length} bytes exceeds {limit}")
-    parts: list[bytes] = []
-    total = 0
-    async for data in pieces(request):
-        total += len(data)
-        if total > limit:
-            raise ManifestTooLarge(f"body exceeds {limit} bytes")
-        parts.append(data)
-    return b"".join(parts)
+@contextlib.asynccontextmanager
+async def read_capped(request: web.Request, limit: int) -> AsyncIterator[bytes]:
+    """The whole body, refusing (413) anything larger than `limit` bytes, held within the
+    server's memory budget for bodies until the `with` block ends."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise ManifestTooLarge(f"body of {length} bytes exceeds {limit}")
+    async with request.app[BODY_BUDGET].hold(limit if length is None else length):
+        parts: list[bytes] = []
+        total = 0
+        async for data in pieces(request):
+            total += len(data)
+            if total > limit:
+                raise ManifestTooLarge(f"body exceeds {limit} bytes")
+            parts.append(data)
+        data = b"".join(parts)
+        del parts
+        yield data
 
 
 async def chunks(request: web.Request) -> AsyncIterator[list[bytes]]:

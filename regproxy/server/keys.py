@@ -8,6 +8,7 @@ from aiohttp import web
 
 from regproxy.config import Config
 from regproxy.proxy.cache import ProxyCache
+from regproxy.server.budget import MemoryBudget
 from regproxy.storage.aio import Offload
 from regproxy.storage.store import Store
 from regproxy.storage.uploads import Uploads
@@ -18,6 +19,7 @@ PROXY_STORE = web.AppKey("proxy_store", Store)
 UPLOADS = web.AppKey("uploads", Uploads)
 OFFLOAD = web.AppKey("offload", Offload)
 PROXY = web.AppKey("proxy_cache", ProxyCache)
+BODY_BUDGET = web.AppKey("body_budget", MemoryBudget)
 
 #: per request: the signed-in user (None: anonymous), and "may this caller do ACTION on NAME?"
 USER = web.RequestKey("user", str)

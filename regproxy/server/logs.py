@@ -38,6 +38,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from regproxy.config import LogConfig
 from regproxy.server.keys import USER
@@ -53,6 +54,9 @@ request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 access_log = logging.getLogger("regproxy.access")
+#: the longest path (and query) and header field an access line carries; longer ones are cut
+MAX_PATH = 512
+MAX_FIELD = 256
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _ACCESS_TEXT = '%s "%s %s HTTP/%d.%d" %d %d "%s" "%s" %.6fs user=%s cache=%s id=%s%s'
 #: the request id in the request's dict (set for every request by the middleware)
@@ -199,17 +203,20 @@ def _log_access(
     user = request.get(USER)
     remote = request.remote or "-"
     version = request.version
+    user_agent = headers.get("User-Agent")
+    if user_agent is not None:
+        user_agent = cut(user_agent, MAX_FIELD)
     access_log.info(
         _ACCESS_TEXT,
         remote,
         request.method,
-        request.path_qs,
+        cut(request.path_qs, MAX_PATH),
         version.major,
         version.minor,
         status,
         sent,
-        headers.get("Referer", "-"),
-        headers.get("User-Agent", "-"),
+        cut(headers.get("Referer", "-"), MAX_FIELD),
+        user_agent or "-",
         duration,
         user or "-",
         cache or "-",
@@ -218,8 +225,8 @@ def _log_access(
         extra={
             "access": {
                 "method": request.method,
-                "path": request.path,
-                "query": request.query_string or None,
+                "path": cut(request.path, MAX_PATH),
+                "query": cut(request.query_string, MAX_PATH) or None,
                 "route": route,
                 "status": status,
                 "bytes": sent,
@@ -229,7 +236,7 @@ def _log_access(
                 "cache": cache,
                 "request_id": rid,
                 "remote": remote,
-                "user_agent": headers.get("User-Agent"),
+                "user_agent": user_agent,
                 **({"aborted": True} if aborted else {}),
             }
         },
@@ -244,8 +251,36 @@ async def add_request_id(request: web.Request, response: web.StreamResponse) -> 
 
 
 def setup(app: web.Application) -> None:
-    """The request id header on every response (the middleware is in `create_app`'s list)."""
+    """The request id header on every response (the middleware is in `create_app`'s list),
+    and aiohttp's reports of malformed requests cut down to one short line."""
     app.on_response_prepare.append(add_request_id)
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequestLine) for f in server_log.filters):
+        server_log.addFilter(MalformedRequestLine())
+
+
+class MalformedRequestLine(logging.Filter):
+    """aiohttp logs every request it cannot parse (a bad request line, header or chunk)
+    with a full traceback at ERROR: a few bytes from anybody would write kilobytes to the
+    log. Those are the client's errors, answered 400: one short INFO line says enough.
+    Anything else aiohttp reports (a real error in the server) keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and (exc.code or 400) < 500:
+            remote = record.args[0] if isinstance(record.args, tuple) and record.args else "-"
+            reason = cut(str(exc.message or type(exc).__name__).replace("\n", " "), 200)
+            record.msg = "malformed request from %s: %s"
+            record.args = (remote, reason)
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def cut(text: str, limit: int) -> str:
+    """`text` of at most `limit` characters, marked when cut (long fields cost log space)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 # ---- formatting -------------------------------------------------------------------------

@@ -14,9 +14,6 @@ from regproxy.server.keys import OFFLOAD, REGISTRY
 from regproxy.server.names import local_name_for_write, read_target
 from regproxy.server.responses import manifest_response
 
-#: Manifests up to this size are hashed and parsed on the event loop (microseconds).
-INLINE_LIMIT = 64 * 1024
-
 
 def _check_reference(reference: str) -> None:
     if is_digest(reference):
@@ -40,12 +37,26 @@ async def put_manifest(request: web.Request) -> web.Response:
     name = local_name_for_write(request)
     reference = request.match_info["reference"]
     _check_reference(reference)
-    data = await read_capped(request, mf.MAX_MANIFEST_SIZE)
+    async with read_capped(request, mf.MAX_MANIFEST_SIZE) as data:
+        digest, parsed = await _store_manifest(request, name, reference, data)
+    headers = {
+        "Location": f"/v2/{name}/manifests/{digest}",
+        "Docker-Content-Digest": str(digest),
+    }
+    if parsed.subject is not None:
+        headers["OCI-Subject"] = str(parsed.subject.digest)
+    return web.Response(status=201, headers=headers)
+
+
+async def _store_manifest(
+    request: web.Request, name: str, reference: str, data: bytes
+) -> tuple[Digest, mf.Manifest]:
+    """Check a pushed manifest (digest, parse, references) and store it, tagged or not."""
     if not data:
         raise ManifestInvalid("empty manifest")
     algorithm = reference.partition(":")[0] if is_digest(reference) else "sha256"
     offload = request.app[OFFLOAD]
-    small = len(data) <= INLINE_LIMIT
+    small = len(data) <= mf.INLINE_LIMIT
     digest = of_bytes(data, algorithm) if small else await offload.run(of_bytes, data, algorithm)
     if is_digest(reference) and str(digest) != reference:
         raise DigestInvalid(
@@ -57,15 +68,8 @@ async def put_manifest(request: web.Request) -> web.Response:
         mf.parse(data, content_type) if small else await offload.run(mf.parse, data, content_type)
     )
     tag = None if is_digest(reference) else reference
-    store = request.app[REGISTRY]
-    await offload.run(store.put_manifest, name, data, parsed, digest, tag)
-    headers = {
-        "Location": f"/v2/{name}/manifests/{digest}",
-        "Docker-Content-Digest": str(digest),
-    }
-    if parsed.subject is not None:
-        headers["OCI-Subject"] = str(parsed.subject.digest)
-    return web.Response(status=201, headers=headers)
+    await offload.run(request.app[REGISTRY].put_manifest, name, data, parsed, digest, tag)
+    return digest, parsed
 
 
 async def delete_manifest(request: web.Request) -> web.Response:

@@ -8,7 +8,14 @@ import logging
 
 from aiohttp import web
 
-from regproxy.errors import NameUnknown, PayloadTooLarge, RegistryError, StorageFull, Unsupported
+from regproxy.errors import (
+    BodyEncodingUnsupported,
+    NameUnknown,
+    PayloadTooLarge,
+    RegistryError,
+    StorageFull,
+    Unsupported,
+)
 from regproxy.server.keys import CLOSE_AFTER
 
 log = logging.getLogger("regproxy.server")
@@ -39,8 +46,18 @@ def _from_http(exc: web.HTTPException) -> RegistryError | None:
     return None
 
 
+def _encoded_body(request: web.Request) -> bool:
+    coding = request.headers.get("Content-Encoding")
+    return coding is not None and coding.strip().lower() not in ("", "identity")
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler) -> web.StreamResponse:
+    if request.method in _BODY_METHODS and _encoded_body(request):
+        # refused before a byte is read; the unread body rules out keeping the connection
+        response = error_response(BodyEncodingUnsupported(), request.method)
+        response.force_close()
+        return response
     response = await _answer(request, handler)
     # the body was read past aiohttp's parser (bodies.take_body); GET and HEAD never are,
     # and skip the lookup (a KeyError inside Mapping.get) on the hot path

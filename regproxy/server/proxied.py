@@ -13,7 +13,12 @@ from regproxy.proxy.cache import CACHE_STATUS, HIT, MISS
 from regproxy.proxy.flights import BlobFlight, FlightFailed
 from regproxy.reference import ProxyName
 from regproxy.server.keys import OFFLOAD, PROXY
-from regproxy.server.responses import BLOB_CONTENT_TYPE, blob_file_response, manifest_response
+from regproxy.server.responses import (
+    blob_head_response,
+    blob_headers,
+    manifest_response,
+    send_blob_file,
+)
 
 
 def _accept_list(request: web.Request) -> list[str]:
@@ -36,23 +41,12 @@ async def get_blob(request: web.Request, target: ProxyName, digest: Digest) -> w
     cache = request.app[PROXY]
     if request.method == "HEAD" and not cache.store.has_blob(digest):
         size = await cache.blob_head(target, digest)
-        response = web.Response(
-            headers={
-                "Docker-Content-Digest": str(digest),
-                "Content-Type": BLOB_CONTENT_TYPE,
-                CACHE_STATUS: MISS,
-            }
-        )
-        if size is not None:
-            # aiohttp's content_length setter raises on web.Response: set the header itself
-            response.headers["Content-Length"] = str(size)
-        return response
+        return blob_head_response(request, digest, size, {CACHE_STATUS: MISS})
     cached = await cache.blob(target, digest)
     flight = cached.flight
     if flight is None:
-        response = blob_file_response(cache.store, digest)
-        response.headers[CACHE_STATUS] = HIT
-        return response
+        offload = request.app[OFFLOAD]
+        return await send_blob_file(request, cache.store, digest, offload, {CACHE_STATUS: HIT})
     what = f"blob {digest}"
     handle = flight.attach()  # before any await: the flight keeps its spool for us
     try:
@@ -70,18 +64,11 @@ async def _stream_flight(
         await flight.wait_ready()
         if request.http_range.start is not None or request.http_range.stop is not None:
             await flight.wait_done()  # a Range is answered from the committed file
-            response = blob_file_response(cache.store, digest)
-            response.headers[CACHE_STATUS] = MISS
-            return response
+            offload = request.app[OFFLOAD]
+            return await send_blob_file(request, cache.store, digest, offload, {CACHE_STATUS: MISS})
     except FlightFailed as exc:
         raise cache.flight_error(exc, what) from None
-    response = web.StreamResponse(
-        headers={
-            "Docker-Content-Digest": str(digest),
-            "Content-Type": BLOB_CONTENT_TYPE,
-            CACHE_STATUS: MISS,
-        }
-    )
+    response = web.StreamResponse(headers=blob_headers(digest, None, {CACHE_STATUS: MISS}))
     if flight.total is None:
         response.enable_chunked_encoding()
     else:

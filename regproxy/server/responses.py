@@ -1,36 +1,150 @@
-"""Response builders shared by local and proxied pulls."""
+"""Response builders shared by local and proxied pulls: one set of blob headers for every
+blob answer (HEAD, GET, ranged, streamed while it is fetched), and manifest answers.
+
+Blobs are content-addressed, so their ETag is the digest: the same on HEAD and GET, on
+every replica, and after gc touches the file (an mtime-based ETag would change).
+Conditional requests (`If-None-Match`, `If-Match`, `If-Range`) are answered against it.
+"""
 
 from __future__ import annotations
+
+import asyncio
+import os
+import re
+from typing import BinaryIO
 
 from aiohttp import web
 
 from regproxy.digest import Digest
+from regproxy.errors import BlobUnknown, RangeNotSatisfiable
+from regproxy.storage.aio import Offload
 from regproxy.storage.store import Store, StoredManifest
 
 BLOB_CONTENT_TYPE = "application/octet-stream"
+_RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})", re.ASCII | re.IGNORECASE)
 
 
-def _blob_headers(digest: Digest) -> dict[str, str]:
-    return {
+def blob_headers(
+    digest: Digest, size: int | None, extra: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The headers of every blob answer; `size` None: not known yet (a streamed fetch)."""
+    headers = {
         "Docker-Content-Digest": str(digest),
         "Content-Type": BLOB_CONTENT_TYPE,
         "ETag": f'"{digest}"',
         "Cache-Control": "max-age=31536000",
         "Accept-Ranges": "bytes",
     }
+    if size is not None:
+        headers["Content-Length"] = str(size)
+    if extra:
+        headers.update(extra)
+    return headers
 
 
-def blob_file_response(store: Store, digest: Digest) -> web.StreamResponse:
-    """A sendfile response with every header set explicitly (no guessing from the path)."""
-    headers = _blob_headers(digest)
-    return web.FileResponse(store.blob_path(digest), chunk_size=256 * 1024, headers=headers)
+def _matches(header: str, digest: Digest) -> bool:
+    """Whether an `If-Match`/`If-None-Match` list names this blob (weak or strong, or `*`)."""
+    tag = f'"{digest}"'
+    for item in header.split(","):
+        item = item.strip()
+        if item == "*" or item.removeprefix("W/") == tag:
+            return True
+    return False
 
 
-def blob_head_response(digest: Digest, size: int) -> web.Response:
-    """HEAD of a blob whose size is known: no file is opened (clients HEAD every layer)."""
-    headers = _blob_headers(digest)
-    headers["Content-Length"] = str(size)
-    return web.Response(headers=headers)
+def _precondition(request: web.Request, digest: Digest) -> int | None:
+    """304 or 412 when a conditional header says so, else None."""
+    if_match = request.headers.get("If-Match")
+    if if_match is not None and not _matches(if_match, digest):
+        return 412
+    if_none_match = request.headers.get("If-None-Match")
+    if if_none_match is not None and _matches(if_none_match, digest):
+        return 304
+    return None
+
+
+def byte_range(request: web.Request, digest: Digest, size: int) -> tuple[int, int] | None:
+    """The one `[start, end)` span a `Range` asks for, or None for the whole blob.
+
+    416 for a range that is garbled or starts past the end; a list of ranges, or an
+    `If-Range` naming another validator, gets the whole blob (RFC 9110 allows both).
+    """
+    header = request.headers.get("Range")
+    if header is None or "," in header:
+        return None
+    if_range = request.headers.get("If-Range")
+    if if_range is not None and if_range.strip() != f'"{digest}"':
+        return None
+    match = _RANGE.fullmatch(header.strip())
+    unsatisfiable = RangeNotSatisfiable(
+        f"range {header[:100]!r} not satisfiable for {size} bytes",
+        headers={"Content-Range": f"bytes */{size}"},
+    )
+    if match is None or match.group(1) == match.group(2) == "":
+        raise unsatisfiable
+    first, last = match.group(1), match.group(2)
+    if first == "":  # the last N bytes
+        count = int(last)
+        if count == 0:
+            raise unsatisfiable
+        return max(0, size - count), size
+    start = int(first)
+    end = size if last == "" else min(int(last) + 1, size)
+    if start >= size or end <= start:
+        raise unsatisfiable
+    return start, end
+
+
+def _open(path: os.PathLike[str] | str) -> tuple[BinaryIO, int]:
+    handle = open(path, "rb")  # noqa: SIM115 (closed by send_blob_file)
+    return handle, os.fstat(handle.fileno()).st_size
+
+
+async def send_blob_file(
+    request: web.Request,
+    store: Store,
+    digest: Digest,
+    offload: Offload,
+    extra: dict[str, str] | None = None,
+) -> web.StreamResponse:
+    """A stored blob: conditionals, one Range, HEAD, and sendfile for the body (asyncio
+    falls back to reads and writes where the transport cannot sendfile, as with TLS)."""
+    status = _precondition(request, digest)
+    if status is not None:
+        return web.Response(status=status, headers=blob_headers(digest, None, extra))
+    try:
+        handle, size = await offload.run(_open, store.blob_path(digest))
+    except FileNotFoundError:
+        raise BlobUnknown(detail={"digest": str(digest)}) from None
+    try:
+        span = byte_range(request, digest, size)
+        start, end = span if span is not None else (0, size)
+        headers = blob_headers(digest, end - start, extra)
+        response = web.StreamResponse(status=200 if span is None else 206, headers=headers)
+        if span is not None:
+            response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        response.content_length = end - start
+        await response.prepare(request)
+        if request.method != "HEAD" and end > start:
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("client went away")
+            await asyncio.get_running_loop().sendfile(transport, handle, start, end - start)
+        await response.write_eof()
+        return response
+    finally:
+        await offload.run(handle.close)
+
+
+def blob_head_response(
+    request: web.Request, digest: Digest, size: int | None, extra: dict[str, str] | None = None
+) -> web.Response:
+    """HEAD of a blob: no file is opened (clients HEAD every layer); `size` None when
+    an upstream did not say."""
+    status = _precondition(request, digest)
+    if status is not None:
+        return web.Response(status=status, headers=blob_headers(digest, None, extra))
+    return web.Response(headers=blob_headers(digest, size, extra))
 
 
 def manifest_response(stored: StoredManifest, head: bool) -> web.Response:
