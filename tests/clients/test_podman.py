@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.digests import sha256
 from tests.support.images import (
     DOCKER_MANIFEST,
     OCI_MANIFEST,
     Image,
     make_image,
     make_index,
-    sha256_digest,
     write_oci_layout,
 )
 from tests.support.podman import Podman
@@ -50,7 +50,7 @@ def test_push_pull_roundtrip(
 
     resp = get_manifest(registry.url, repo, "v1")
     assert resp.status == 200
-    assert sha256_digest(resp.body) == pushed
+    assert sha256(resp.body) == pushed
     assert resp.header("Docker-Content-Digest") == pushed
     assert resp.header("Content-Type") == media_type
 
