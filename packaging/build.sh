@@ -4,7 +4,7 @@
 #   packaging/build.sh [DIST_DIR]        default DIST_DIR: ./dist (the binary is DIST_DIR/regproxy)
 #
 # Needs the runtime dependencies and PyInstaller in the Python it runs ($PYTHON, default
-# python3): `pip install -e '.[test]'` installs both. REGPROXY_VERSION overrides the
+# python3): `pip install -e '.[build]'` installs both. REGPROXY_VERSION overrides the
 # version baked into the binary (default: pyproject.toml's).
 set -euo pipefail
 
@@ -16,7 +16,7 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/regproxy-build.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
 if ! "$python" -c 'import PyInstaller' 2>/dev/null; then
-    echo "build.sh: PyInstaller is not installed for $python (pip install -e '.[test]')" >&2
+    echo "build.sh: PyInstaller is not installed for $python (pip install -e '.[build]')" >&2
     exit 2
 fi
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from fnmatch import fnmatchcase
 
 from regproxy.config import AccessRule, AuthConfig
+from regproxy.reference import under_prefix
 
 ACTIONS = ("pull", "push", "delete")
 ANONYMOUS = "anonymous"
@@ -42,7 +43,7 @@ class Policy:
 
     def allows(self, user: str | None, action: str, name: str, proxied: bool = False) -> bool:
         """Whether `user` (None: anonymous) may do `action` on repository `name`."""
-        if proxied or name == self.proxy_prefix or name.startswith(self.proxy_prefix + "/"):
+        if proxied or under_prefix(name, self.proxy_prefix):
             return action == "pull" and self._admits(self.proxy_pull, user)
         rule = self.rule_for(name)
         if rule is None:

@@ -34,6 +34,7 @@ from regproxy.reference import (
     ProxyName,
     remote_name,
     split_proxy_name,
+    under_prefix,
     validate_name,
     validate_tag,
 )
@@ -144,7 +145,7 @@ def parse_image(text: str, config: Config) -> ImageRef:
             name_part = f"{head}{slash}{last}"
         reference = reference or "latest"
         prefix = config.proxy.prefix
-        if name_part.startswith(prefix + "/"):
+        if under_prefix(name_part, prefix):
             validate_name(name_part)
             target = split_proxy_name(name_part, prefix, set(config.proxy.upstreams))
             assert target is not None

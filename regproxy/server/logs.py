@@ -60,9 +60,7 @@ MAX_FIELD = 256
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _ACCESS_TEXT = '%s "%s %s HTTP/%d.%d" %d %d "%s" "%s" %.6fs user=%s cache=%s id=%s%s'
 #: the request id in the request's dict (set for every request by the middleware)
-REQUEST_ID_KEY: Any = (
-    web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "request_id"
-)
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
 
 
 _ID_PREFIX = os.urandom(4).hex()  # per process: ids stay unique across restarts and replicas
