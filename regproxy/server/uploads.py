@@ -20,6 +20,7 @@ from regproxy.reference import validate_name
 from regproxy.server.bodies import chunks, parse_content_range, take_body
 from regproxy.server.keys import CONFIG, MAY, OFFLOAD, REGISTRY, UPLOADS, USER
 from regproxy.server.names import local_name_for_write
+from regproxy.server.peer import client_address
 from regproxy.sockbody import BodyTimeout, TakenBody, drive, pump
 from regproxy.storage.uploads import Uploads, UploadSession
 
@@ -170,7 +171,7 @@ async def start_upload(request: web.Request) -> web.Response:
     if "digest" in request.query:
         _digest_param(request)  # a malformed digest must not leave a session behind
     owner = _owner(request)
-    client = owner or request.remote
+    client = owner or client_address(request)  # behind a trusted proxy: the forwarded one
     uploads = request.app[UPLOADS]
     server = request.app[CONFIG].server
     per_client, total = server.max_uploads_per_client, server.max_upload_sessions

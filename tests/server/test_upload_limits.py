@@ -103,6 +103,25 @@ async def test_many_addresses_together_stop_at_the_global_cap(serve: Start, from
     assert registry.app[UPLOADS].open_total() == 20
 
 
+@pytest.mark.parametrize("trusted", [True, False])
+async def test_behind_a_trusted_proxy_the_per_client_cap_counts_forwarded_addresses(
+    serve: Start, trusted: bool
+) -> None:
+    """One reverse proxy, many clients: with `trust_forwarded_headers` each forwarded
+    address has its own per-client cap (the global cap still holds them all); without
+    it, the header is the client's word and proves nothing."""
+    registry = await serve(
+        trust_forwarded_headers=trusted, max_uploads_per_client=2, max_upload_sessions=5
+    )
+    statuses = []
+    for n in range(4):
+        for _ in range(2):
+            headers = {"X-Forwarded-For": f"198.51.100.9, 192.0.2.{n}"}
+            resp = await registry.post("/v2/proxied/blobs/uploads/", headers=headers)
+            statuses.append(resp.status)
+    assert statuses.count(202) == (5 if trusted else 2)
+
+
 async def test_concurrent_creates_cannot_overshoot_the_global_cap(
     serve: Start, from_address
 ) -> None:
