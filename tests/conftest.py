@@ -9,6 +9,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from regproxy.config import Config
+from tests.support.dockerd import DockerDaemon
 from tests.support.fake_upstream import FakeUpstream
 
 # make_config and start_client moved to tests.support.inprocess; importers in tests/cli,
@@ -59,3 +60,15 @@ async def fake() -> AsyncIterator[FakeUpstream]:
         yield upstream
     finally:
         await upstream.close()
+
+
+@pytest.fixture(scope="session")
+def dockerd() -> Iterator[DockerDaemon]:
+    """One private dockerd (and its containerd) for the whole session: a few tenths of a
+    second to start, but the docker and ctr tests of several folders would each pay it."""
+    daemon = DockerDaemon()
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()

@@ -215,16 +215,6 @@ def test_podman_login_push_pull(
 # ---- docker ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def dockerd() -> Iterator[DockerDaemon]:
-    daemon = DockerDaemon()
-    daemon.start()
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
-
-
 @pytest.fixture
 def docker_trusts_ca(server: TlsRegproxy, ca: TestCA) -> Iterator[Path]:
     """`/etc/docker/certs.d/127.0.0.1:<port>/ca.crt`, removed afterwards."""

@@ -7,34 +7,25 @@ validated: whatever passes against the reference is behaviour regproxy must matc
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.clients.proxy_fixtures import (  # noqa: F401 (fixtures of the test_proxy_* modules)
-    proxy_mirror_upstream,
-    pull_through,
-    refused_url,
-    upstream_kind,
-)
 from tests.support.dockerd import DockerDaemon
 from tests.support.processes import (
     ReferenceRegistry,
     RegistryServer,
     RegproxyProcess,
+    registry_target,
 )
-
-TARGETS = ("regproxy", "reference")
-
-
-def registry_target() -> str:
-    target = os.environ.get("RP_TEST_AGAINST", "regproxy").strip() or "regproxy"
-    if target not in TARGETS:
-        raise pytest.UsageError(f"RP_TEST_AGAINST must be one of {TARGETS}, not {target!r}")
-    return target
+from tests.support.pull_through import (
+    UPSTREAM_KINDS,
+    PullThrough,
+    refusing_port,
+    running_pull_through,
+)
 
 
 @pytest.fixture(scope="module")
@@ -57,16 +48,46 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServe
         server.stop()
 
 
-@pytest.fixture(scope="session")
-def dockerd() -> Iterator[DockerDaemon]:
-    """One private dockerd (and its containerd) shared by the whole session: ~0.2 s to
-    start, but docker and ctr tests would otherwise each pay for it."""
-    daemon = DockerDaemon()
-    daemon.start()
+@pytest.fixture
+def docker(dockerd: DockerDaemon) -> Iterator[DockerDaemon]:
+    """The session's dockerd, emptied after each test so the next one's pulls download."""
     try:
-        yield daemon
+        yield dockerd
     finally:
-        daemon.stop()
+        dockerd.remove_all_images()
+
+
+@pytest.fixture(scope="module")
+def refused_url() -> Iterator[str]:
+    """``http://127.0.0.1:PORT`` that refuses connections, for one module."""
+    with refusing_port() as url:
+        yield url
+
+
+@pytest.fixture(scope="module", params=UPSTREAM_KINDS)
+def upstream_kind(request: pytest.FixtureRequest) -> str:
+    kind: str = request.param
+    return kind
+
+
+@pytest.fixture(scope="module")
+def proxy_mirror_upstream() -> str | None:
+    """``proxy.mirror_upstream`` of the proxy; a module overrides this fixture to set it."""
+    return None
+
+
+@pytest.fixture(scope="module")
+def pull_through(
+    upstream_kind: str,
+    proxy_mirror_upstream: str | None,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[PullThrough]:
+    """An upstream of ``upstream_kind`` and a regproxy caching it, for one test module."""
+    if registry_target() != "regproxy":
+        pytest.skip("pull-through tests exercise regproxy's cache; no reference to run them on")
+    workdir = tmp_path_factory.mktemp(f"pull-through-{upstream_kind}")
+    with running_pull_through(upstream_kind, workdir, proxy_mirror_upstream) as setup:
+        yield setup
 
 
 @pytest.fixture

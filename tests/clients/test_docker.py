@@ -6,11 +6,7 @@ the manifest digest that ``docker push`` reports can be compared end to end.
 
 from __future__ import annotations
 
-import json
-import re
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -25,36 +21,6 @@ from tests.support.images import (
 from tests.support.processes import RegistryServer
 from tests.support.registry_http import get_manifest
 from tests.support.skopeo import Skopeo
-
-PUSH_DIGEST = re.compile(r"digest: (sha256:[0-9a-f]{64}) size: (\d+)")
-
-
-def inspect(dockerd: DockerDaemon, ref: str) -> dict[str, Any]:
-    data: list[dict[str, Any]] = json.loads(dockerd.docker("image", "inspect", ref).stdout)
-    return data[0]
-
-
-def push(dockerd: DockerDaemon, ref: str) -> tuple[str, str]:
-    """``docker push``; return (manifest digest, full output)."""
-    out = dockerd.docker("push", ref).stdout
-    match = PUSH_DIGEST.search(out)
-    assert match, f"no digest in docker push output:\n{out}"
-    return match.group(1), out
-
-
-def remove_all_images(dockerd: DockerDaemon) -> None:
-    ids = dockerd.docker("images", "--all", "--quiet", "--no-trunc").stdout.split()
-    if ids:
-        dockerd.docker("rmi", "--force", *sorted(set(ids)))
-
-
-@pytest.fixture
-def docker(dockerd: DockerDaemon) -> Iterator[DockerDaemon]:
-    """The shared daemon, emptied after each test so the next one's pulls download."""
-    try:
-        yield dockerd
-    finally:
-        remove_all_images(dockerd)
 
 
 @pytest.fixture(scope="module")
@@ -72,23 +38,23 @@ def test_push_pull_roundtrip(
     ref = f"{registry.host}/{repo}:v1"
     docker.docker("tag", "regproxy-test/docker-image:v1", ref)
 
-    digest, _ = push(docker, ref)
+    digest, _ = docker.push(ref)
     resp = get_manifest(registry.url, repo, "v1")
     assert resp.status == 200
     assert resp.header("Docker-Content-Digest") == digest
 
-    remove_all_images(docker)
+    docker.remove_all_images()
     out = docker.docker("pull", ref).stdout
     assert f"Digest: {digest}" in out
 
-    info = inspect(docker, ref)
+    info = docker.image_inspect(ref)
     assert info["Id"] == img.image_id
     assert f"{registry.host}/{repo}@{digest}" in info["RepoDigests"]
     assert info["RootFS"]["Layers"] == img.diff_ids
 
-    remove_all_images(docker)
+    docker.remove_all_images()
     docker.docker("pull", f"{registry.host}/{repo}@{digest}")
-    assert inspect(docker, f"{registry.host}/{repo}@{digest}")["Id"] == img.image_id
+    assert docker.image_inspect(f"{registry.host}/{repo}@{digest}")["Id"] == img.image_id
 
 
 def test_push_to_second_repository_reuses_blobs(
@@ -101,13 +67,13 @@ def test_push_to_second_repository_reuses_blobs(
     first, second = f"{registry.host}/{repo}/one:v1", f"{registry.host}/{repo}/two:v1"
     docker.docker("tag", "regproxy-test/docker-image:v1", first)
     docker.docker("tag", "regproxy-test/docker-image:v1", second)
-    digest_one, _ = push(docker, first)
-    digest_two, _ = push(docker, second)
+    digest_one, _ = docker.push(first)
+    digest_two, _ = docker.push(second)
     assert digest_one == digest_two
 
-    remove_all_images(docker)
+    docker.remove_all_images()
     docker.docker("pull", second)
-    assert inspect(docker, second)["Id"] == img.image_id
+    assert docker.image_inspect(second)["Id"] == img.image_id
 
 
 def test_pull_multiarch_index(
@@ -122,7 +88,7 @@ def test_pull_multiarch_index(
     out = docker.docker("pull", "--platform", "linux/amd64", ref).stdout
     assert f"Digest: {idx.digest}" in out
     amd64 = idx.image_for("amd64")
-    info = inspect(docker, ref)
+    info = docker.image_inspect(ref)
     assert info["Id"] == amd64.image_id
     assert info["RootFS"]["Layers"] == amd64.diff_ids
     assert f"{registry.host}/{repo}@{idx.digest}" in info["RepoDigests"]

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.clients.proxy_fixtures import HUB_NAME, UPSTREAM_NAME, PullThrough
 from tests.support.access_log import AccessLog
 from tests.support.ctr import Ctr
 from tests.support.dockerd import DockerDaemon
 from tests.support.images import ImageIndex, make_image, make_index
 from tests.support.processes import ProcessError, RegproxyProcess
+from tests.support.pull_through import HUB_NAME, UPSTREAM_NAME, PullThrough
 from tests.support.registry_http import get_manifest, request
 from tests.support.tools import run
 

@@ -13,49 +13,25 @@ instead of leaving the machine (loopback addresses never go through the proxy).
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.clients.proxy_fixtures import HUB_NAME, PullThrough
 from tests.support.access_log import AIOHTTP_AGENT
 from tests.support.dockerd import DockerDaemon
 from tests.support.images import make_image, make_index, write_docker_archive
+from tests.support.pull_through import HUB_NAME, PullThrough
 from tests.support.registry_http import get_manifest, request
 from tests.support.skopeo import Skopeo
 
 DOCKER_AGENT = "docker/"
-PUSH_DIGEST = re.compile(r"digest: (sha256:[0-9a-f]{64}) size: \d+")
-
-
-def inspect(daemon: DockerDaemon, ref: str) -> dict[str, Any]:
-    data: list[dict[str, Any]] = json.loads(daemon.docker("image", "inspect", ref).stdout)
-    return data[0]
-
-
-def remove_all_images(daemon: DockerDaemon) -> None:
-    ids = daemon.docker("images", "--all", "--quiet", "--no-trunc").stdout.split()
-    if ids:
-        daemon.docker("rmi", "--force", *sorted(set(ids)))
 
 
 @pytest.fixture(scope="module")
 def proxy_mirror_upstream() -> str | None:
     """This module's regproxy answers un-prefixed pulls of unknown names from docker.io."""
     return HUB_NAME
-
-
-@pytest.fixture
-def docker(dockerd: DockerDaemon) -> Iterator[DockerDaemon]:
-    """The session's dockerd, emptied after each test so the next one's pulls download."""
-    try:
-        yield dockerd
-    finally:
-        remove_all_images(dockerd)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +53,7 @@ def mirror_docker(mirror_daemon: DockerDaemon) -> Iterator[DockerDaemon]:
     try:
         yield mirror_daemon
     finally:
-        remove_all_images(mirror_daemon)
+        mirror_daemon.remove_all_images()
 
 
 def test_pull_through_proxy_path(
@@ -90,7 +66,7 @@ def test_pull_through_proxy_path(
 
     out = docker.docker("pull", ref).stdout
     assert f"Digest: {img.manifest_digest}" in out
-    info = inspect(docker, ref)
+    info = docker.image_inspect(ref)
     assert info["Id"] == img.image_id
     assert info["RootFS"]["Layers"] == img.diff_ids
     assert f"{pull_through.proxied(repo)}@{img.manifest_digest}" in info["RepoDigests"]
@@ -107,7 +83,7 @@ def test_pull_platform_of_index_through_proxy_path(
     out = docker.docker("pull", "--platform", "linux/arm64", ref).stdout
     assert f"Digest: {idx.digest}" in out
     arm64 = idx.image_for("arm64")
-    info = inspect(docker, ref)
+    info = docker.image_inspect(ref)
     assert info["Id"] == arm64.image_id
     assert info["Architecture"] == "arm64"
     assert info["RootFS"]["Layers"] == arm64.diff_ids
@@ -123,7 +99,7 @@ def test_registry_mirror_serves_docker_hub_names(
 
     out = mirror_docker.docker("pull", "testimg:v1").stdout
     assert f"Digest: {img.manifest_digest}" in out
-    info = inspect(mirror_docker, "testimg:v1")
+    info = mirror_docker.image_inspect("testimg:v1")
     assert info["Id"] == img.image_id
     assert info["RootFS"]["Layers"] == img.diff_ids
 
@@ -151,13 +127,6 @@ def test_registry_mirror_serves_docker_hub_names(
     )
 
 
-def push(daemon: DockerDaemon, ref: str) -> str:
-    out = daemon.docker("push", ref).stdout
-    match = PUSH_DIGEST.search(out)
-    assert match, f"no digest in docker push output:\n{out}"
-    return match.group(1)
-
-
 def test_push_stays_local_with_mirror(
     pull_through: PullThrough,
     docker: DockerDaemon,
@@ -173,14 +142,14 @@ def test_push_stays_local_with_mirror(
     docker.docker("tag", "regproxy-test/pushed:v1", ref)
     since = pull_through.upstream_log.mark()
 
-    digest = push(docker, ref)
+    digest, _ = docker.push(ref)
     local = get_manifest(pull_through.proxy.url, "library/pushed", "v1")
     assert local.status == 200
     assert local.header("Docker-Content-Digest") == digest
     assert local.header("X-Cache-Status") is None  # served from registry storage
 
     assert mirror_docker.docker("pull", "pushed:v1").stdout
-    assert inspect(mirror_docker, "pushed:v1")["Id"] == img.image_id
+    assert mirror_docker.image_inspect("pushed:v1")["Id"] == img.image_id
 
     assert [e for e in pull_through.upstream_log.entries(since) if "pushed" in e.path] == []
     assert request(f"{pull_through.upstream.url}/v2/library/pushed/tags/list").status == 404

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.clients.proxy_fixtures import UPSTREAM_NAME, PullThrough
 from tests.support.images import make_image, make_index
 from tests.support.podman import Podman
+from tests.support.pull_through import UPSTREAM_NAME, PullThrough
 
 PODMAN_AGENT = "containers/"
 

@@ -12,7 +12,6 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tests.clients.proxy_fixtures import TAG_TTL, PullThrough, wait_past_ttl
 from tests.support.digests import sha256
 from tests.support.images import (
     OCI_INDEX,
@@ -25,6 +24,7 @@ from tests.support.images import (
     write_oci_layout,
 )
 from tests.support.processes import http_status
+from tests.support.pull_through import TAG_TTL, PullThrough, wait_past_ttl
 from tests.support.registry_http import get_manifest
 from tests.support.skopeo import Skopeo
 

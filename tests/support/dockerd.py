@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from .processes import ManagedProcess
 from .tools import remove_tree, require_root, require_tool, run
@@ -37,6 +38,7 @@ DAEMON_CONFIG = {
 }
 
 
+_PUSH_DIGEST = re.compile(r"digest: (sha256:[0-9a-f]{64}) size: \d+")
 _LOG_NOISE = re.compile(r"module=grpc|loading plugin|skip loading plugin|serving\.\.\.")
 
 
@@ -153,6 +155,24 @@ class DockerDaemon:
             check=check,
             timeout=timeout,
         )
+
+    def image_inspect(self, ref: str) -> dict[str, Any]:
+        """``docker image inspect`` of one image."""
+        data: list[dict[str, Any]] = json.loads(self.docker("image", "inspect", ref).stdout)
+        return data[0]
+
+    def push(self, ref: str) -> tuple[str, str]:
+        """``docker push``; (the manifest digest it reports, its whole output)."""
+        out = self.docker("push", ref).stdout
+        match = _PUSH_DIGEST.search(out)
+        assert match, f"no digest in docker push output:\n{out}"
+        return match.group(1), out
+
+    def remove_all_images(self) -> None:
+        """Empty the image store, so that the next pull really downloads."""
+        ids = self.docker("images", "--all", "--quiet", "--no-trunc").stdout.split()
+        if ids:
+            self.docker("rmi", "--force", *sorted(set(ids)))
 
     def ctr_argv(self, namespace: str) -> list[str]:
         """``ctr`` command prefix for this daemon's containerd, in ``namespace``.

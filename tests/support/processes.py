@@ -28,6 +28,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+import pytest
+
 from .tools import require_tool
 
 T = TypeVar("T")
@@ -248,6 +250,19 @@ def http_status(url: str, *, method: str = "GET", timeout: float = 2.0) -> int |
         return int(exc.code)
     except (OSError, urllib.error.URLError):
         return None
+
+
+#: what the real-client tests can run against (``RP_TEST_AGAINST``)
+TARGETS = ("regproxy", "reference")
+
+
+def registry_target() -> str:
+    """``RP_TEST_AGAINST``: regproxy (default), or Docker's reference registry to validate
+    the tests themselves."""
+    target = os.environ.get("RP_TEST_AGAINST", "regproxy").strip() or "regproxy"
+    if target not in TARGETS:
+        raise pytest.UsageError(f"RP_TEST_AGAINST must be one of {TARGETS}, not {target!r}")
+    return target
 
 
 class RegistryServer(Protocol):

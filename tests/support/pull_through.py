@@ -1,6 +1,7 @@
-"""Fixtures for real clients pulling through regproxy's cache from a real upstream.
+"""Real clients pulling through regproxy's cache from a real upstream: the setup.
 
-Per test module and per upstream kind, one upstream registry is started — Debian's
+Per test module and per upstream kind (the fixtures of tests/clients), one upstream
+registry is started — Debian's
 ``docker-registry`` ("distribution") or a second regproxy ("regproxy") — and one regproxy
 in front of it whose configuration names it twice: as ``ref`` (pulled as
 ``/v2/p/ref/<name>``) and as ``docker.io`` (what containerd's ``?ns=docker.io`` and dockerd's
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import socket
 import time
@@ -24,12 +24,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
-from tests.support.access_log import AIOHTTP_AGENT, AccessEntry, AccessLog
-from tests.support.images import Image, ImageIndex, write_oci_layout
-from tests.support.processes import ReferenceRegistry, RegproxyProcess
-from tests.support.skopeo import Skopeo
+from .access_log import AIOHTTP_AGENT, AccessEntry, AccessLog
+from .images import Image, ImageIndex, write_oci_layout
+from .processes import ReferenceRegistry, RegproxyProcess
+from .skopeo import Skopeo
 
 UPSTREAM_KINDS = ("distribution", "regproxy")
 #: the name under which the proxy knows the upstream: pulls go to /v2/p/ref/<name>
@@ -139,8 +137,8 @@ def proxy_config(upstream_url: str, mirror_upstream: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-@pytest.fixture(scope="module")
-def refused_url() -> Iterator[str]:
+@contextlib.contextmanager
+def refusing_port() -> Iterator[str]:
     """``http://127.0.0.1:PORT`` where a bound, never-listening socket refuses connections:
     a fallback for clients that must not leave the machine when the proxy fails them."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -148,42 +146,26 @@ def refused_url() -> Iterator[str]:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
-@pytest.fixture(scope="module", params=UPSTREAM_KINDS)
-def upstream_kind(request: pytest.FixtureRequest) -> str:
-    kind: str = request.param
-    return kind
-
-
-@pytest.fixture(scope="module")
-def proxy_mirror_upstream() -> str | None:
-    """``proxy.mirror_upstream`` of the proxy; a module overrides this fixture to set it."""
-    return None
-
-
-@pytest.fixture(scope="module")
-def pull_through(
-    upstream_kind: str,
-    proxy_mirror_upstream: str | None,
-    tmp_path_factory: pytest.TempPathFactory,
+@contextlib.contextmanager
+def running_pull_through(
+    kind: str, workdir: Path, mirror_upstream: str | None = None
 ) -> Iterator[PullThrough]:
-    """An upstream of ``upstream_kind`` and a regproxy caching it, for one test module."""
-    if os.environ.get("RP_TEST_AGAINST", "regproxy").strip() not in ("", "regproxy"):
-        pytest.skip("pull-through tests exercise regproxy's cache; no reference to run them on")
-    workdir = tmp_path_factory.mktemp(f"pull-through-{upstream_kind}")
+    """An upstream of ``kind`` (one of ``UPSTREAM_KINDS``) and a regproxy caching it, both
+    under ``workdir``; ``mirror_upstream`` is the proxy's ``proxy.mirror_upstream``."""
     upstream: Upstream
-    if upstream_kind == "distribution":
+    if kind == "distribution":
         upstream = ReferenceRegistry(workdir / "upstream")
     else:
         upstream = RegproxyProcess(workdir / "upstream")
     upstream.start()
     try:
         proxy = RegproxyProcess(
-            workdir / "proxy", extra_config=proxy_config(upstream.url, proxy_mirror_upstream)
+            workdir / "proxy", extra_config=proxy_config(upstream.url, mirror_upstream)
         )
         proxy.start()
         try:
             yield PullThrough(
-                kind=upstream_kind,
+                kind=kind,
                 upstream=upstream,
                 proxy=proxy,
                 seeder=Skopeo(workdir / "seeder"),
