@@ -17,10 +17,7 @@ from aiohttp.test_utils import TestClient
 
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.inprocess import make_config, start_client
-
-# fetch and wait_until moved to tests.support.proxy; tests/ops/test_health.py and
-# tests/ops/test_metrics.py still import them from here, to be updated
-from tests.support.proxy import Proxy, ProxyFactory, fetch, wait_until  # noqa: F401
+from tests.support.proxy import Proxy, ProxyFactory
 
 
 @pytest.fixture
