@@ -12,9 +12,9 @@ from regproxy.config import Config
 from tests.support.dockerd import DockerDaemon
 from tests.support.fake_upstream import FakeUpstream
 
-# make_config and start_client moved to tests.support.inprocess; importers in tests/cli,
-# tests/ops/test_health.py, tests/ops/test_metrics.py and tests/server/test_body_rate.py
-# still take them from here, to be updated
+# make_config and start_client moved to tests.support.inprocess; tests/cli,
+# tests/auth/test_{signin_limits,target_matrix}.py and tests/server/test_{body_rate,
+# upload_limits}.py still import them from here, to be updated
 from tests.support.inprocess import make_config, start_client
 from tests.support.podman import Podman
 from tests.support.skopeo import Skopeo

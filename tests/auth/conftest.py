@@ -15,10 +15,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-# The helpers moved to tests.support.auth. Until tests/fuzz/test_fuzz.py and
-# tests/auth/test_{revocation,target_matrix}.py import from there, they take
-# RegistryFactory, auth_header and push_image (the old signature, now named
-# tests.support.auth.push_image_as) from here.
+# The helpers moved to tests.support.auth. Until tests/auth/test_revocation.py and
+# tests/auth/test_target_matrix.py import from there, they take RegistryFactory and
+# push_image (the old signature, now tests.support.auth.push_image_as) from here.
 from tests.support.auth import (
     LOCAL_REPOS,
     PROXY_REPO,
@@ -26,7 +25,6 @@ from tests.support.auth import (
     Registry,
     RegistryFactory,
     auth_config,
-    auth_header,  # noqa: F401
     push_image_as,
 )
 from tests.support.auth import push_image_as as push_image  # noqa: F401

@@ -45,8 +45,8 @@ from tests.support.served import (
 MIB = 1024 * 1024
 
 
-# tests/server/test_body_rate.py still imports Registry and the upload helpers from here;
-# to be updated to tests.support.served
+# tests/server/test_{body_rate,upload_limits}.py still import Registry and the upload
+# helpers from here; to be updated to tests.support.served
 Registry = ServedRegistry
 
 
