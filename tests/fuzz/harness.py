@@ -1,62 +1,25 @@
-"""What the fuzz test checks on every answer, and the server it runs against.
+"""What the fuzz test checks on every answer, and how it reports what it found.
 
-The server is started the way `regproxy serve` starts it (`GuardedRunner`, no aiohttp
-access logger), not through aiohttp's `TestServer`: the raw-socket cases must meet the
-real connection handling (header timeout, keep-alive), and the log checks must see the
-lines production writes, not the test server's own access log.
+Problems are grouped by kind and cause (the request's case label, or the exception a
+log record carries), so one report lists each distinct defect once with an example
+request per case.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
-
-from aiohttp import web
-
-from regproxy.config import Config
-from regproxy.server import runner as runner_mod
-from regproxy.server.app import create_app
 
 #: a log line longer than this is a field that was not cut (issue 11)
 MAX_LOG_LINE = 2048
 #: how much of a path or body a failure report shows
 PATH_CUT = 260
-BODY_CUT = 160
 #: the loggers whose records are checked
 LOGGERS = ("regproxy", "aiohttp")
-
-
-@dataclass
-class Server:
-    port: int
-    config: Config
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
-@asynccontextmanager
-async def running(config: Config) -> AsyncIterator[Server]:
-    """`create_app(config)` on 127.0.0.1:<ephemeral>, served as `runner.serve` serves it."""
-    runner = runner_mod.GuardedRunner(
-        create_app(config),
-        handle_signals=False,
-        access_log=None,
-        keepalive_timeout=runner_mod.KEEPALIVE_TIMEOUT,
-        shutdown_timeout=1.0,
-    )
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        yield Server(int(runner.addresses[0][1]), config)
-    finally:
-        await runner.cleanup()
+#: aiohttp's own access log: `regproxy serve` turns it off (`access_log=None`), the shared
+#: test runner (`tests.support.served`) does not
+TEST_ONLY_LOGGERS = ("aiohttp.access",)
 
 
 def is_envelope(body: bytes) -> bool:
@@ -159,7 +122,7 @@ def check_records(
 ) -> None:
     """No traceback for anything the fuzzer sends, and no log line beyond `MAX_LOG_LINE`."""
     for record in records:
-        if not record.name.startswith(LOGGERS):
+        if not record.name.startswith(LOGGERS) or record.name in TEST_ONLY_LOGGERS:
             continue
         if record.exc_info or record.exc_text:
             exc = record.exc_info[1] if record.exc_info else None
@@ -192,10 +155,3 @@ def exception_gist(exc: BaseException) -> str:
     for marker in (" b'", "bytearray(", ' b"'):
         gist = gist.split(marker)[0]
     return gist.rstrip(":")[:70]
-
-
-def summarise(value: Any) -> str:
-    """A short, printable form of an exception or value for the report."""
-    if isinstance(value, BaseException):
-        return f"{type(value).__name__}: {cut(str(value), 120)}"
-    return cut(str(value), 120)

@@ -28,6 +28,7 @@ import pytest
 from multidict import CIMultiDict
 from yarl import URL
 
+from regproxy.config import Config
 from regproxy.server import runner as runner_mod
 from tests.fuzz import raw
 from tests.fuzz.cases import (
@@ -39,15 +40,7 @@ from tests.fuzz.cases import (
     World,
     protect,
 )
-from tests.fuzz.harness import (
-    Findings,
-    Server,
-    check_records,
-    cut,
-    exception_gist,
-    is_envelope,
-    running,
-)
+from tests.fuzz.harness import Findings, check_records, cut, exception_gist, is_envelope
 from tests.fuzz.known import known_issue_requests
 from tests.support.auth import RULES as AUTH_RULES
 from tests.support.auth import auth_config, auth_header, basic, push_image_as
@@ -55,6 +48,7 @@ from tests.support.digests import sha256
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.inprocess import make_config
 from tests.support.oci import Image, make_image
+from tests.support.served import ServedRegistry, serve_registry
 from tests.support.tree import all_files, bad_blobs, unexpected_paths
 
 MODES = ("none", "basic", "token")
@@ -98,7 +92,7 @@ def fill_upstream(fake: FakeUpstream, world: World) -> None:
         world.upstream.append((image.repo, "v1", image.digest, [sha256(b) for b in image.blobs]))
 
 
-def server_config(tmp_path: Path, mode: str, upstream_url: str) -> Any:
+def server_config(tmp_path: Path, mode: str, upstream_url: str) -> Config:
     proxy: dict[str, Any] = {"upstreams": {UPSTREAM: {"url": upstream_url, "tag_ttl": "1s"}}}
     if mode != "basic":  # the mirror in two modes, plain prefix and `ns` routing in all
         proxy["mirror_upstream"] = UPSTREAM
@@ -153,8 +147,7 @@ async def prepare(session: aiohttp.ClientSession, world: World) -> None:
 
 
 async def send_one(
-    session: aiohttp.ClientSession,
-    server: Server,
+    registry: ServedRegistry,
     request: FuzzRequest,
     world: World,
     findings: Findings,
@@ -162,8 +155,8 @@ async def send_one(
     """Send one generated request through the client and check its answer."""
     described = request.describe()
     try:
-        url = URL(server.url + request.target, encoded=True)
-        context = session.request(
+        url = URL(f"http://127.0.0.1:{registry.port}{request.target}", encoded=True)
+        context = registry.http.request(
             request.method,
             url,
             headers=CIMultiDict(request.headers),
@@ -210,7 +203,7 @@ async def send_one(
 
 
 async def send_raw_cases(
-    server: Server,
+    registry: ServedRegistry,
     cases: list[raw.RawCase],
     findings: Findings,
     caplog: pytest.LogCaptureFixture,
@@ -235,12 +228,12 @@ async def send_raw_cases(
 
     for case in (c for c in cases if not c.slow):
         mark, sent_at = len(caplog.records), time.monotonic()
-        judge(case, await raw.send(server.port, case, RAW_DEADLINE))
+        judge(case, await raw.send(registry.port, case, RAW_DEADLINE))
         slowest.append((time.monotonic() - sent_at, case.case, case.describe()[:100]))
         check_records(caplog.records[mark:], findings, case.case, case.describe())
     slow = [c for c in cases if c.slow]
     mark = len(caplog.records)
-    results = await asyncio.gather(*(raw.send(server.port, c, RAW_SLOW_DEADLINE) for c in slow))
+    results = await asyncio.gather(*(raw.send(registry.port, c, RAW_SLOW_DEADLINE) for c in slow))
     for case, result in zip(slow, results, strict=True):
         judge(case, result)
         slowest.append((result.elapsed, case.case + " (slow)", case.describe()[:100]))
@@ -281,49 +274,53 @@ async def test_fuzz_never_fails_and_keeps_pushed_images(
     fake = FakeUpstream()
     await fake.start()
     started = time.monotonic()
+    registry: ServedRegistry | None = None
     try:
         config = server_config(tmp_path, mode, fake.url)
         fill_upstream(fake, world)
-        async with running(config) as server, aiohttp.ClientSession(base_url=server.url) as session:
-            owner = None if mode == "none" else "root"
-            images = {name: make_image((200, 300)) for name in PROTECTED}
-            for name, image in images.items():
-                await push_image_as(session, name, image, ("v1",), owner)  # type: ignore[arg-type]
-                world.protected_digests.append(image.digest)
-                world.protected_blobs.extend(sha256(blob) for blob in image.blobs)
-            await prepare(session, world)
-            before = frozenset(all_files(tmp_path))
+        registry = await serve_registry(config, shutdown_timeout=1.0)
+        session = registry.http
+        owner = None if mode == "none" else "root"
+        images = {name: make_image((200, 300)) for name in PROTECTED}
+        for name, image in images.items():
+            await push_image_as(session, name, image, ("v1",), owner)  # type: ignore[arg-type]
+            world.protected_digests.append(image.digest)
+            world.protected_blobs.extend(sha256(blob) for blob in image.blobs)
+        await prepare(session, world)
+        before = frozenset(all_files(tmp_path))
 
-            slowest: list[tuple[float, str, str]] = []
-            phase = {"prepared": time.monotonic() - started}
-            generator = Generator(rng, world)
-            fixed = known_issue_requests(rng, world)
-            for index in range(len(fixed) + RANDOM_REQUESTS):
-                request = fixed[index] if index < len(fixed) else generator.random_request()
-                request = protect(request) if mode == "none" else request
-                mark, sent_at = len(caplog.records), time.monotonic()
-                await send_one(session, server, request, world, findings)
-                slowest.append((time.monotonic() - sent_at, request.case, request.describe()[:100]))
-                check_records(caplog.records[mark:], findings, request.case, request.describe())
+        slowest: list[tuple[float, str, str]] = []
+        phase = {"prepared": time.monotonic() - started}
+        generator = Generator(rng, world)
+        fixed = known_issue_requests(rng, world)
+        for index in range(len(fixed) + RANDOM_REQUESTS):
+            request = fixed[index] if index < len(fixed) else generator.random_request()
+            request = protect(request) if mode == "none" else request
+            mark, sent_at = len(caplog.records), time.monotonic()
+            await send_one(registry, request, world, findings)
+            slowest.append((time.monotonic() - sent_at, request.case, request.describe()[:100]))
+            check_records(caplog.records[mark:], findings, request.case, request.describe())
 
-            phase["client"] = time.monotonic() - started
-            mutations = [generator.random_request() for _ in range(RAW_MUTATIONS)]
-            if mode == "none":
-                mutations = [protect(request) for request in mutations]
-            await send_raw_cases(
-                server, raw.raw_cases(rng, world, mutations), findings, caplog, slowest
-            )
+        phase["client"] = time.monotonic() - started
+        mutations = [generator.random_request() for _ in range(RAW_MUTATIONS)]
+        if mode == "none":
+            mutations = [protect(request) for request in mutations]
+        cases = raw.raw_cases(rng, world, mutations)
+        await send_raw_cases(registry, cases, findings, caplog, slowest)
 
-            phase["raw"] = time.monotonic() - started
-            root = {} if mode == "none" else auth_header("root")
-            async with session.get("/v2/", headers=root) as resp:
-                if resp.status != 200:
-                    findings.add("dead", "after", "GET /v2/", f"{resp.status} after fuzzing")
-            for wrong in await pull_back(session, images, root):
-                findings.add("pushed-image-changed", "after", "pull back", wrong)
+        phase["raw"] = time.monotonic() - started
+        root = {} if mode == "none" else auth_header("root")
+        async with session.get("/v2/", headers=root) as resp:
+            if resp.status != 200:
+                findings.add("dead", "after", "GET /v2/", f"{resp.status} after fuzzing")
+        for wrong in await pull_back(session, images, root):
+            findings.add("pushed-image-changed", "after", "pull back", wrong)
+        await registry.close()
         for path in bad_blobs(config.registry_storage) + unexpected_paths(config, tmp_path, before):
             findings.add("store-off-layout", "after", "walk the stores", path)
     finally:
+        if registry is not None:
+            await registry.close()
         await fake.close()
     elapsed = time.monotonic() - started
     print(f"fuzz mode={mode} seed={seed}: {findings.sent} answers in {elapsed:.1f} s {phase}")
