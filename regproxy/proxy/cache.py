@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -31,11 +33,12 @@ from regproxy.errors import (
     TooManyRequests,
     UpstreamUnavailable,
 )
-from regproxy.proxy.flights import BlobFlight, FlightFailed, SingleFlight, hash_pieces
+from regproxy.proxy.flights import BlobFlight, FlightFailed, SingleFlight
 from regproxy.proxy.upstream import Upstream, UpstreamError, client_timeout
 from regproxy.reference import ProxyName, upstream_storage_key
-from regproxy.sockbody import BodyTimeout, BodyTruncated, TakenBody, drive, pump
+from regproxy.sockbody import BodyTimeout, BodyTruncated, TakenBody
 from regproxy.storage.aio import Offload
+from regproxy.storage.intake import take_in, take_in_direct
 from regproxy.storage.store import Store, StoredManifest
 
 log = logging.getLogger("regproxy.proxy")
@@ -44,7 +47,6 @@ HIT, MISS, REVALIDATED, STALE = "HIT", "MISS", "REVALIDATED", "STALE"
 #: the response header that tells clients (and logs) how the cache answered
 CACHE_STATUS = "X-Cache-Status"
 _LINK_RE = re.compile(r'<([^>]*)>\s*;\s*rel="?next"?')
-FETCH_CHUNK = 1024 * 1024
 #: A blob body read past aiohttp fails when the upstream sends nothing for this long.
 READ_TIMEOUT = client_timeout().sock_read or 60.0
 
@@ -417,45 +419,18 @@ class ProxyCache:
                 del self._blob_flights[digest]
 
     async def _spool(self, resp: aiohttp.ClientResponse, flight: BlobFlight, upstream: str) -> None:
-        """Stream the body into the spool while hashing; overlap network reads with writes."""
+        """Stream the body into the spool while hashing (`storage.intake`)."""
         hasher = flight.digest.hasher()
-        pieces: list[bytes] = []
-        size = 0
-        pending: asyncio.Future[int] | None = None
-        hashing: asyncio.Future[None] | None = None
+        sink = flight.sink(hasher, self._counter(upstream))
+        received = 0
 
-        async def flush() -> None:
-            # chunk k is written and hashed on two threads while chunk k+1 arrives
-            nonlocal pending, hashing, pieces, size
-            if pending is not None:
-                flight.advance(await pending)
-                pending = None
-            if hashing is not None:
-                await hashing
-                hashing = None
-            if pieces:
-                pending = asyncio.ensure_future(self.offload.run(flight.write_sync, pieces))
-                hashing = asyncio.ensure_future(self.offload.run(hash_pieces, hasher, pieces))
-                pieces, size = [], 0
+        def check(size: int) -> None:
+            nonlocal received
+            received += size
+            if flight.total is not None and received > flight.total:
+                raise FlightFailed("upstream sent more bytes than announced")
 
-        try:
-            async for data in resp.content.iter_any():
-                pieces.append(data)
-                size += len(data)
-                self.stats.count(self.stats.upstream_bytes, upstream, len(data))
-                if flight.total is not None and flight.written + size > flight.total + FETCH_CHUNK:
-                    raise FlightFailed("upstream sent more bytes than announced")
-                idle = (pending is None or pending.done()) and (hashing is None or hashing.done())
-                if size >= FETCH_CHUNK or idle:
-                    await flush()
-            await flush()
-            await flush()
-        finally:
-            # a failure must not close the spool under a write still running in a thread
-            for work in (pending, hashing):
-                if work is not None:
-                    with contextlib.suppress(Exception):
-                        await asyncio.shield(work)
+        await take_in(resp.content.iter_any(), sink, self.offload, check)
         if hasher.hexdigest() != flight.digest.hex:
             raise FlightFailed("upstream blob does not match its digest")
 
@@ -463,38 +438,26 @@ class ProxyCache:
         """The body read from the socket by `sockbody.pump`: one thread reads, one writes
         the spool, one hashes; readers are told of each block as it lands."""
         hasher = flight.digest.hasher()
-        loop = asyncio.get_running_loop()
-
-        def landed(n: int) -> None:
-            flight.advance(n)
-            self.stats.count(self.stats.upstream_bytes, upstream, n)
-
-        def pump_into_spool() -> None:
-            at = flight.written
-
-            def write(block: memoryview) -> None:
-                nonlocal at
-                at += flight.write_sync([block], at)
-                # in order, and before the pump's own result reaches the loop
-                loop.call_soon_threadsafe(landed, len(block))
-
-            pump(taken, [write, hasher.update], READ_TIMEOUT, position=at)
-
+        sink = flight.sink(hasher, self._counter(upstream))
         try:
-            try:
-                if taken.head:
-                    landed(await self.offload.run(flight.write_sync, taken.head))
-                    await self.offload.run(hash_pieces, hasher, taken.head)
-            except BaseException:
-                taken.close()
-                raise
-            if taken.remaining:
-                # cancelled: wait for the pump, never close the spool under a running write
-                await drive(taken, pump_into_spool, wait_when_cancelled=True)
+            # cancelled: wait for the pump, never close the spool under a running write
+            await take_in_direct(
+                taken,
+                sink,
+                self.offload,
+                timeout=READ_TIMEOUT,
+                min_rate=0,
+                position=flight.written,
+                wait_when_cancelled=True,
+            )
         except (BodyTimeout, BodyTruncated) as exc:
             raise FlightFailed(f"upstream transfer failed: {exc}") from None
         if hasher.hexdigest() != flight.digest.hex:
             raise FlightFailed("upstream blob does not match its digest")
+
+    def _counter(self, upstream: str) -> Callable[[int], None]:
+        """Counts bytes fetched from `upstream` as they land in a spool."""
+        return functools.partial(self.stats.count, self.stats.upstream_bytes, upstream)
 
     def _fail(self, flight: BlobFlight, error: FlightFailed) -> None:
         log.warning("fetch of %s failed: %s", flight.digest, error)

@@ -12,20 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
 from regproxy.digest import Digest, Hasher
 from regproxy.storage.aio import Offload
+from regproxy.storage.intake import update_all
 
 T = TypeVar("T")
 READ_CHUNK = 1024 * 1024
-
-
-def hash_pieces(hasher: Hasher, pieces: list[bytes]) -> None:
-    for piece in pieces:
-        hasher.update(piece)
 
 
 class SingleFlight:
@@ -82,12 +78,13 @@ class BlobFlight:
         self.state = self.STREAMING
         self._notify()
 
-    def write_sync(self, pieces: list[bytes] | list[memoryview], at: int | None = None) -> int:
-        """Write `pieces` to the spool at `at` (default: its end so far), in a worker
-        thread; returns the bytes written.
+    def sink(self, hasher: Hasher, on_landed: Callable[[int], None]) -> SpoolSink:
+        """Where the upstream body goes (`intake.take_in` / `take_in_direct`)."""
+        return SpoolSink(self, hasher, on_landed, asyncio.get_running_loop())
 
-        Hashing runs beside it on another thread (`hash_pieces`), in the same chunk order.
-        """
+    def write_sync(self, pieces: Sequence[bytes | memoryview], at: int | None = None) -> int:
+        """Write `pieces` to the spool at `at` (default: its end so far), in a worker
+        thread; returns the bytes written. Hashing runs beside it on another thread."""
         start = self.written if at is None else at
         n = 0
         for piece in pieces:
@@ -181,3 +178,41 @@ class BlobFlight:
                     raise FlightFailed("spool file shrank")
                 pos += len(data)
                 yield data
+
+
+class SpoolSink:
+    """A flight's spool as an `intake.Sink`: readers are told of every byte as it lands
+    (blocks from the pump thread reach the loop in order, before the pump's result)."""
+
+    def __init__(
+        self,
+        flight: BlobFlight,
+        hasher: Hasher,
+        on_landed: Callable[[int], None],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.flight = flight
+        self.hasher = hasher
+        self.on_landed = on_landed
+        self.loop = loop
+
+    def write(self, pieces: Sequence[bytes | memoryview]) -> int:
+        return self.flight.write_sync(pieces)
+
+    def hash(self, pieces: Sequence[bytes | memoryview]) -> None:
+        update_all(self.hasher, pieces)
+
+    def landed(self, count: int) -> None:
+        self.flight.advance(count)
+        self.on_landed(count)
+
+    @contextlib.contextmanager
+    def block_writer(self) -> Iterator[Callable[[memoryview], None]]:
+        at = self.flight.written
+
+        def write(block: memoryview) -> None:
+            nonlocal at
+            at += self.flight.write_sync([block], at)
+            self.loop.call_soon_threadsafe(self.landed, len(block))
+
+        yield write

@@ -1,4 +1,5 @@
-"""Reading request bodies: capped small bodies, and large ones streamed in chunks."""
+"""Reading request bodies: their pieces as they arrive (with the slow-client rules),
+capped small bodies held in memory, and large ones taken off the socket."""
 
 from __future__ import annotations
 
@@ -9,12 +10,11 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from regproxy.aiohttp_adapter import take_request_body
 from regproxy.errors import BlobUploadInvalid, ManifestTooLarge, RangeNotSatisfiable
 from regproxy.server.keys import BODY_BUDGET, CLOSE_AFTER, CONFIG
-from regproxy.sockbody import TakenBody, direct_length, take_over
+from regproxy.sockbody import TakenBody, direct_length
 
-#: Bytes gathered before one write+hash thread hop.
-CHUNK_BYTES = 1024 * 1024
 _CONTENT_RANGE = re.compile(r"(?:bytes[ =])?(\d{1,18})-(\d{1,18})(?:/(?:\d{1,18}|\*))?")
 
 
@@ -78,34 +78,15 @@ async def read_capped(request: web.Request, limit: int) -> AsyncIterator[bytes]:
         yield data
 
 
-async def chunks(request: web.Request) -> AsyncIterator[list[bytes]]:
-    """The body as lists of pieces of about `CHUNK_BYTES`, without copying them."""
-    gathered: list[bytes] = []
-    size = 0
-    async for data in pieces(request):
-        gathered.append(data)
-        size += len(data)
-        if size >= CHUNK_BYTES:
-            yield gathered
-            gathered, size = [], 0
-    if gathered:
-        yield gathered
-
-
 def take_body(request: web.Request) -> TakenBody | None:
     """The body taken away from aiohttp for `sockbody.pump`, when it is large, has a
     Content-Length, no content coding and arrives over plain TCP; else None."""
     length = direct_length(request.content_length, request.headers)
     if length is None:
         return None
-    taken = take_over(request.content, request.transport, length)
+    taken = take_request_body(request, length)
     if taken is not None and taken.remaining:
-        # aiohttp's parser still expects these bytes: this connection cannot be reused.
-        # Its reader is ended so aiohttp does not linger waiting for the body to drain;
-        # that resumes the transport, so pause it again before the loop reads a byte.
-        request.protocol.close()
-        request.content.feed_eof()
-        request.transport.pause_reading()
+        # aiohttp's parser still expects these bytes: this connection cannot be reused
         request[CLOSE_AFTER] = True
     return taken
 

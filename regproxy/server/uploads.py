@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import weakref
 
 from aiohttp import web
@@ -17,12 +16,13 @@ from regproxy.errors import (
     SizeInvalid,
 )
 from regproxy.reference import validate_name
-from regproxy.server.bodies import chunks, parse_content_range, take_body
+from regproxy.server.bodies import parse_content_range, pieces, take_body
 from regproxy.server.keys import CONFIG, MAY, OFFLOAD, REGISTRY, UPLOADS, USER
 from regproxy.server.names import local_name_for_write
 from regproxy.server.peer import client_address
-from regproxy.sockbody import BodyTimeout, TakenBody, drive, pump
-from regproxy.storage.uploads import Uploads, UploadSession
+from regproxy.sockbody import BodyTimeout
+from regproxy.storage.intake import take_in, take_in_direct
+from regproxy.storage.uploads import UploadSession
 
 #: One request at a time per session: an asyncio lock per live session id.
 SESSION_LOCKS = web.AppKey("upload_locks", weakref.WeakValueDictionary)
@@ -61,67 +61,29 @@ def _digest_param(request: web.Request) -> Digest:
 
 
 async def _receive(request: web.Request, session: UploadSession) -> int:
-    """Stream the body into the session: straight from the socket when it is large
-    (`take_body`), else through aiohttp while chunk k is written and hashed on two
-    threads as the loop reads chunk k+1."""
-    taken = take_body(request)
-    if taken is not None:
-        return await _receive_direct(request, session, taken)
+    """Stream the body into the session (`storage.intake`): straight from the socket on
+    threads when it is large (`take_body`), else as aiohttp reads it."""
+    uploads = request.app[UPLOADS]
     offload = request.app[OFFLOAD]
-    uploads = request.app[UPLOADS]
-    received = 0
-    writing: asyncio.Future[int] | None = None
-    hashing: asyncio.Future[None] | None = None
-    try:
-        async for pieces in chunks(request):
-            if writing is not None:
-                await writing
-            if hashing is not None:
-                await hashing
-            received += sum(len(p) for p in pieces)
-            writing = asyncio.ensure_future(offload.run(uploads.write, session, pieces))
-            hashing = asyncio.ensure_future(offload.run(uploads.hash, session, pieces))
-    finally:
-        # work already handed to threads always finishes, so the session's offset and
-        # hash stay consistent with its file whatever happened to the request
-        for pending in (writing, hashing):
-            if pending is not None:
-                await asyncio.shield(pending)
-    return received
-
-
-def _pump_into(
-    uploads: Uploads, session: UploadSession, taken: TakenBody, timeout: float, min_rate: int
-) -> int:
-    """In a worker thread: the socket's bytes appended to and hashed into the session."""
-    with uploads.appender(session) as append:
-        consumers = [append, lambda block: uploads.hash(session, [block])]
-        return pump(taken, consumers, timeout, min_rate=min_rate, position=session.offset)
-
-
-async def _receive_direct(request: web.Request, session: UploadSession, taken: TakenBody) -> int:
-    """The body read by `sockbody.pump`: threads read, write and hash it."""
-    uploads = request.app[UPLOADS]
+    sink = uploads.sink(session)
+    taken = take_body(request)
+    if taken is None:
+        return await take_in(pieces(request), sink, offload)
     server = request.app[CONFIG].server
-    received = sum(len(piece) for piece in taken.head)
-    try:
-        if taken.head:
-            await request.app[OFFLOAD].run(uploads.append, session, taken.head)
-    except BaseException:
-        taken.close()
-        raise
-    if not taken.remaining:
-        return received
-    work = functools.partial(
-        _pump_into, uploads, session, taken, server.body_timeout, server.body_min_rate
-    )
     try:
         # cancelled (shutdown): the pump stops on its own; the caller may drop the
         # session meanwhile, as its writer keeps its own descriptors
-        await drive(taken, work, wait_when_cancelled=False)
+        return await take_in_direct(
+            taken,
+            sink,
+            offload,
+            timeout=server.body_timeout,
+            min_rate=server.body_min_rate,
+            position=session.offset,
+            wait_when_cancelled=False,
+        )
     except BodyTimeout as exc:  # BodyTooSlow included
         raise BlobUploadInvalid(str(exc)) from None
-    return received + taken.remaining
 
 
 async def _receive_chunk(request: web.Request, session: UploadSession) -> None:

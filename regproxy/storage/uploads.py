@@ -24,13 +24,14 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from regproxy.digest import Digest, Hasher, new_hasher
 from regproxy.errors import BlobUploadUnknown, DigestInvalid, TooManyRequests
 from regproxy.storage.fs import DirectWriter, remove_tree
+from regproxy.storage.intake import update_all
 from regproxy.storage.store import Store
 
 _ID_RE = re.compile(r"[0-9a-f]{32}")
@@ -189,11 +190,11 @@ class Uploads:
             session = self._live.setdefault(upload_id, session)
         return session
 
-    def write(self, session: UploadSession, pieces: list[bytes]) -> int:
+    def write(self, session: UploadSession, pieces: Sequence[bytes | memoryview]) -> int:
         """Append `pieces` at the session's end; return the new offset.
 
-        Hashing is separate (`hash`) so a server can run both on two cores at once;
-        each must be called in chunk order, one call at a time per session.
+        Hashing is separate (the sink's `hash`) so a server can run both on two cores at
+        once; each must be called in chunk order, one call at a time per session.
         """
         with open(session.data_path, "ab") as f:
             f.writelines(pieces)
@@ -216,15 +217,13 @@ class Uploads:
         finally:
             writer.close()
 
-    def hash(self, session: UploadSession, pieces: list[bytes]) -> None:
-        hasher = session.hasher
-        if hasher is not None:
-            for piece in pieces:
-                hasher.update(piece)
+    def sink(self, session: UploadSession) -> SessionSink:
+        """Where a request body for `session` goes (`intake.take_in` / `take_in_direct`)."""
+        return SessionSink(self, session)
 
     def append(self, session: UploadSession, pieces: list[bytes]) -> int:
         """Write and hash in one call (offline users; the server overlaps the two)."""
-        self.hash(session, pieces)
+        update_all(session.hasher, pieces)
         return self.write(session, pieces)
 
     def _digest_of_file(self, session: UploadSession, algorithm: str) -> str:
@@ -334,3 +333,25 @@ class Uploads:
         with contextlib.suppress(OSError, ValueError, TypeError, LookupError, AttributeError):
             started = float(json.loads((folder / "info").read_text())["started"])
         return started, last
+
+
+class SessionSink:
+    """An upload session as an `intake.Sink`: appended to its data file, hashed into its
+    running hash, blocks from the socket written past the page cache (`appender`)."""
+
+    def __init__(self, uploads: Uploads, session: UploadSession) -> None:
+        self.uploads = uploads
+        self.session = session
+
+    def write(self, pieces: Sequence[bytes | memoryview]) -> int:
+        before = self.session.offset
+        return self.uploads.write(self.session, pieces) - before
+
+    def hash(self, pieces: Sequence[bytes | memoryview]) -> None:
+        update_all(self.session.hasher, pieces)
+
+    def landed(self, count: int) -> None:
+        """Nobody reads an upload while it arrives."""
+
+    def block_writer(self) -> contextlib.AbstractContextManager[Callable[[memoryview], None]]:
+        return self.uploads.appender(self.session)

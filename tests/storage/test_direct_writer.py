@@ -328,7 +328,7 @@ def test_appender_updates_the_session_offset(folder: Path) -> None:
         for block in blocks:
             view = aligned_block(block)
             append(view)
-            uploads.hash(session, [view])
+            uploads.sink(session).hash([view])
             offsets.append(session.offset)
     assert open_fds() == before, "the appender closes its descriptors"
     assert offsets == [MIB, 2 * MIB, 2 * MIB + 4321]
