@@ -294,6 +294,9 @@ class World:
     tokens: dict[str, str] = field(default_factory=dict)
     #: (repository at the upstream, tag, manifest digest, blob digests)
     upstream: list[tuple[str, str, str, list[str]]] = field(default_factory=list)
+    #: blobs on the upstream that nothing fetched yet: (upstream repository, digest), so a
+    #: fixed case can hit the first-fetch path (a blob flight) with each odd header
+    fresh_blobs: list[tuple[str, str]] = field(default_factory=list)
 
     def learn(self, request: FuzzRequest, status: int, location: str | None) -> None:
         """Remember sessions, blobs and manifests the server just created."""

@@ -24,6 +24,7 @@ from tests.fuzz.cases import (
     NS_QUERIES,
     OTHER_AUTH,
     PAGE_NS,
+    RANGES,
     UPSTREAM,
     WRONG_METHODS,
     FuzzRequest,
@@ -308,4 +309,50 @@ def known_issue_requests(rng: random.Random, world: World) -> list[FuzzRequest]:
     ):
         headers = [("Content-Type", content_type)] if content_type else []
         add("token-form", "POST", "/auth/token", *headers, body=body, who=[])
+    # odd Range headers on every kind of blob answer: local, cached, and a first fetch
+    local = world.protected_blobs[-1]
+    cached = world.upstream[0][3][-1] if world.upstream else local
+    fresh = iter(world.fresh_blobs)
+    for value in RANGES:
+        for method in ("GET", "HEAD"):
+            add("range", method, f"/v2/keep/img1/blobs/{local}", ("Range", value))
+            add(
+                "range", method, f"/v2/p/{UPSTREAM}/library/alpine/blobs/{cached}", ("Range", value)
+            )
+        for via in (f"p/{UPSTREAM}/", ""):
+            repo, digest = next(fresh, ("", ""))
+            if repo:  # un-prefixed: the mirror where it is on, `?ns=` where it is not
+                query = "" if via or world.mode != "basic" else f"?ns={UPSTREAM}"
+                add(
+                    "range-first-fetch",
+                    "GET",
+                    f"/v2/{via}{repo}/blobs/{digest}{query}",
+                    ("Range", value),
+                )
+    # requests aiohttp's parser refuses, as HEAD: the answer must have no body
+    for target, headers in (
+        ("/v2/?last=\u00e9", []),
+        ("/v2/_catalog?n=\u0661", []),
+        ("/v2/\u00e9/manifests/v1", []),
+        ("/v2/keep/img1/tags/list?last=" + "a" * 9000, []),
+        ("/v2/keep/img1/manifests/v1", [("X-Fuzz", "a" * 17_000)]),
+        (f"/v2/keep/img1/blobs/{local}", [("Accept", "a" * 17_000)]),
+    ):
+        add("head-parser-error", "HEAD", target, *headers)
+    # an Expect header on the routes that take a body (and one that does not)
+    session = world.sessions[1] if len(world.sessions) > 1 else "/v2/fz/a/blobs/uploads/" + "0" * 32
+    for expect in ("fuzz", "100-continue", "100-CONTINUE, x"):
+        header = ("Expect", expect)
+        add(
+            "expect",
+            "PUT",
+            "/v2/fz/a/manifests/expect",
+            header,
+            ("Content-Type", mf.OCI_MANIFEST),
+            body=manifest,
+        )
+        add("expect", "PATCH", session, header, body=b"abc")
+        add("expect", "POST", "/v2/fz/a/blobs/uploads/", header)
+        add("expect", "POST", "/auth/token", header, ("Content-Type", FORM), body=form.encode())
+        add("expect", "GET", "/v2/", header)
     return out

@@ -34,6 +34,7 @@ from tests.fuzz import raw
 from tests.fuzz.cases import (
     FUZZ_REPOS,
     PROTECTED,
+    RANGES,
     UPSTREAM,
     FuzzRequest,
     Generator,
@@ -90,6 +91,8 @@ def fill_upstream(fake: FakeUpstream, world: World) -> None:
     fake.add_referrer("library/alpine", alpine, "application/x-fuzz")
     for image in (alpine, tool):
         world.upstream.append((image.repo, "v1", image.digest, [sha256(b) for b in image.blobs]))
+    fresh = fake.add_image("fuzz/fresh", "v1", [200] * 2 * len(RANGES))
+    world.fresh_blobs = [(fresh.repo, sha256(layer)) for layer in fresh.layers]
 
 
 def server_config(tmp_path: Path, mode: str, upstream_url: str) -> Config:
