@@ -12,6 +12,7 @@ and one way to start each kind of server.
 - auth, certs, tree: test users and rules, a test CA, what may exist on disk.
 - images, processes, skopeo, podman, dockerd, ctr, containers_conf, registry_http,
   access_log, pull_through, tools: real clients against real server processes.
+- seaweed: SeaweedFS (`weed mini`) as the real S3 engine of the object-storage tests.
 
 Nothing in here talks to the network beyond 127.0.0.1: images are generated in pure Python
 and every server is started on a loopback port.
