@@ -388,7 +388,9 @@ async def prefetch(
 
         try:
             results = await asyncio.gather(*(one(image) for image in images))
-            await _drain(cache)
+            # the bookkeeping tasks (pull records for LRU and `--proxy-max-age`) finish;
+            # `close()` would cancel them
+            await cache.drain()
         finally:
             await cache.close()
     finally:
@@ -396,8 +398,3 @@ async def prefetch(
         offload.close()
     return list(results)
 
-
-async def _drain(cache: ProxyCache) -> None:
-    """Let the cache's bookkeeping tasks (pull records for LRU and `--proxy-max-age`) finish;
-    `close()` would cancel them."""
-    await cache.drain()
