@@ -28,6 +28,8 @@ ANSWERED_GRACE = 0.5
 
 @dataclass
 class RawCase:
+    """Bytes for one connection; `case` labels it in the report like a client request."""
+
     case: str
     data: bytes
     #: the server may only end it by a timeout (header or body timeout)
@@ -44,6 +46,8 @@ class RawCase:
 
 @dataclass
 class RawResult:
+    """Every status line the connection carried, and whether the server closed it."""
+
     statuses: list[int] = field(default_factory=list)
     closed: bool = False
     error: str | None = None
