@@ -15,9 +15,6 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-# The helpers moved to tests.support.auth. Until tests/auth/test_revocation.py and
-# tests/auth/test_target_matrix.py import from there, they take RegistryFactory and
-# push_image (the old signature, now tests.support.auth.push_image_as) from here.
 from tests.support.auth import (
     LOCAL_REPOS,
     PROXY_REPO,
@@ -27,7 +24,6 @@ from tests.support.auth import (
     auth_config,
     push_image_as,
 )
-from tests.support.auth import push_image_as as push_image  # noqa: F401
 from tests.support.inprocess import make_config, start_client
 from tests.support.oci import Image, make_image
 

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from regproxy.access.htpasswd import Htpasswd
-from tests.auth.conftest import RegistryFactory
-from tests.auth.helpers import PASSWORDS, Caller, fetch_token, write_htpasswd
+from tests.support.auth import PASSWORDS, Caller, RegistryFactory, fetch_token, write_htpasswd
 from tests.support.digests import sha256
 
 

@@ -20,9 +20,9 @@ import bcrypt
 
 from regproxy.access.throttle import FailureThrottle
 from regproxy.server import auth
-from tests.auth.helpers import auth_config
-from tests.conftest import make_config, start_client
+from tests.support.auth import auth_config
 from tests.support.digests import sha256
+from tests.support.inprocess import make_config, start_client
 
 
 def basic(user: str, password: str) -> dict[str, str]:

@@ -17,10 +17,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from tests.auth.conftest import RegistryFactory, push_image
-from tests.auth.helpers import Caller, auth_config
-from tests.conftest import make_config, start_client
+from tests.support.auth import Caller, RegistryFactory, auth_config, push_image_as
 from tests.support.digests import sha256
+from tests.support.inprocess import make_config, start_client
 from tests.support.oci import Image, make_image
 
 #: every way to say `ns` that is not one clean upstream name
@@ -94,7 +93,7 @@ async def test_ns_shapes_without_auth(tmp_path: Path, upstream: tuple[TestClient
     client = await start_client(make_config(tmp_path / "open", proxy=proxy))
     try:
         image = make_image((300, 400))
-        await push_image(client, "team/app", image, ("v1",), None)
+        await push_image_as(client, "team/app", image, ("v1",), None)
         for shape in ("ns=", "ns"):
             async with client.get(f"/v2/team/app/manifests/v1?{shape}") as resp:
                 assert resp.status == 200

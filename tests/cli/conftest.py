@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from regproxy.config import Config
 from regproxy.server.app import create_app
 from tests.cli.helpers import load, write_config
-from tests.conftest import make_config, start_client
+from tests.support.inprocess import make_config, start_client
 
 
 @dataclass

@@ -8,7 +8,6 @@ from regproxy.storage.store import Store
 from tests.cli.conftest import Registry
 from tests.cli.helpers import arun_cli, assert_one_line_error, invoke, write_config
 from tests.ops.helpers import scrape
-from tests.server.oci import make_image, push_image
 from tests.storage.helpers import (
     age_tree,
     assert_pullable,
@@ -18,6 +17,7 @@ from tests.storage.helpers import (
     push_orphan,
     snapshot,
 )
+from tests.support.oci import make_image, push_image
 
 STORE_KEYS = {
     "store",

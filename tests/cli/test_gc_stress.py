@@ -26,7 +26,8 @@ from aiohttp.test_utils import TestClient
 from regproxy import manifest as mf
 from tests.cli.conftest import Registry
 from tests.cli.helpers import arun_cli
-from tests.server.oci import (
+from tests.storage.helpers import assert_pullable
+from tests.support.oci import (
     OCI_CONFIG,
     OCI_LAYER,
     Image,
@@ -36,7 +37,6 @@ from tests.server.oci import (
     put_manifest,
     sha256,
 )
-from tests.storage.helpers import assert_pullable
 
 pytestmark = pytest.mark.slow  # a soak of DURATION seconds: out of the inner loop
 

@@ -8,8 +8,8 @@ from pathlib import Path
 from regproxy.storage.store import Store
 from tests.cli.conftest import Registry
 from tests.cli.helpers import arun_cli, assert_one_line_error, invoke, write_config
-from tests.server.oci import make_image, push_image
 from tests.storage.helpers import cache_image, push_index
+from tests.support.oci import make_image, push_image
 
 REPOSITORY_KEYS = {
     "name",

@@ -13,9 +13,9 @@ from regproxy.config import Config
 from regproxy.proxy.prefetch import ImageRefError, Platform, parse_image, read_image_list
 from tests.cli.conftest import Upstream
 from tests.cli.helpers import arun_cli, assert_one_line_error, load, write_config
-from tests.conftest import make_config, start_client
-from tests.server.oci import make_image, push_image, sha256
 from tests.storage.helpers import blob_path, push_index
+from tests.support.inprocess import make_config, start_client
+from tests.support.oci import make_image, push_image, sha256
 
 IMAGE_KEYS = {
     "image",

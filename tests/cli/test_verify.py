@@ -9,8 +9,8 @@ from pathlib import Path
 from regproxy.storage.store import Store
 from tests.cli.conftest import Registry
 from tests.cli.helpers import arun_cli, assert_one_line_error, invoke, write_config
-from tests.server.oci import make_image, push_image, sha256
 from tests.storage.helpers import blob_path, cache_image
+from tests.support.oci import make_image, push_image, sha256
 
 PROBLEM_KEYS = {"store", "kind", "path", "message", "digest", "repair", "needed_by"}
 STORE_KEYS = {"store", "root", "blobs", "bytes", "repositories", "manifests", "tags", "seconds"}

@@ -23,17 +23,19 @@ from aiohttp import web
 from regproxy.server import runner as runner_mod
 from regproxy.server.app import create_app
 from regproxy.sockbody import DIRECT_MIN
-from tests.conftest import make_config
-from tests.server.oci import sha256
-from tests.server.test_direct_uploads import (
-    Registry,
+from tests.support.digests import sha256
+from tests.support.inprocess import make_config
+from tests.support.proxy import wait_until
+from tests.support.served import (
+    ServedRegistry as Registry,
+)
+from tests.support.served import (
     finish_upload,
     get_blob,
     request_head,
     start_session,
     upload_id,
     upload_offset,
-    wait_for,
 )
 
 MIB = 1024 * 1024
@@ -163,7 +165,7 @@ async def test_a_body_trickled_a_byte_at_a_time_is_cut_off(serve, kind: str, siz
     assert (await registry.http.get("/v2/")).status == 200
     if kind == "monolithic":
         # its own session is dropped (just after the close); the one opened above stays
-        await wait_for(lambda: len(list(registry.uploads_root.iterdir())) == 1)
+        await wait_until(lambda: len(list(registry.uploads_root.iterdir())) == 1)
         assert [p.name for p in registry.uploads_root.iterdir()] == [upload_id(location)]
     if kind == "manifest":
         resp = await registry.http.get("/v2/slow/trickle/manifests/v1")

@@ -27,6 +27,7 @@ from tests.support.certs import TestCA
 from tests.support.digests import sha256
 from tests.support.inprocess import make_config
 from tests.support.oci import assert_error, stored_files
+from tests.support.proxy import wait_until
 from tests.support.served import (
     ServedRegistry,
     blob_status,
@@ -44,10 +45,6 @@ from tests.support.served import (
 
 MIB = 1024 * 1024
 
-
-# tests/server/test_{body_rate,upload_limits}.py still import Registry and the upload
-# helpers from here; to be updated to tests.support.served
-Registry = ServedRegistry
 
 
 # ---- helpers -------------------------------------------------------------------------------
@@ -77,14 +74,6 @@ async def serve(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[ServedR
     finally:
         for registry in started:
             await registry.close()
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll every 10 ms: a request holding a session's lock is a short window."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 # ---- whole bodies, every way to push ---------------------------------------------------------
@@ -329,9 +318,9 @@ async def test_client_closing_mid_body_leaves_a_consistent_session(serve, with_r
     headers = [f"Content-Range: 0-{announced - 1}"] if with_range else []
     writer.write(request_head("PATCH", location, *headers, length=announced) + data[:sent])
     await writer.drain()
-    await wait_for(lambda: registry.busy(location))
+    await wait_until(lambda: registry.busy(location))
     writer.close()  # the client goes away with the body unfinished
-    await wait_for(lambda: not registry.busy(location))
+    await wait_until(lambda: not registry.busy(location))
     # the server is healthy and the session consistent: offset == bytes stored
     resp = await registry.http.get("/v2/")
     assert resp.status == 200
@@ -352,10 +341,10 @@ async def test_client_closing_mid_monolithic_body_leaves_nothing(serve) -> None:
     target = f"/v2/big/cutmono/blobs/uploads/?digest={sha256(data)}"
     writer.write(request_head("POST", target, length=len(data)) + data[: 2 * MIB])
     await writer.drain()
-    await wait_for(lambda: any(registry.uploads_root.iterdir()))
+    await wait_until(lambda: any(registry.uploads_root.iterdir()))
     await asyncio.sleep(0.2)
     writer.close()
-    await wait_for(lambda: not any(registry.uploads_root.iterdir()))
+    await wait_until(lambda: not any(registry.uploads_root.iterdir()))
     assert await blob_status(registry.http, "big/cutmono", sha256(data)) == 404
     assert (await registry.http.get("/v2/")).status == 200
 
@@ -433,7 +422,7 @@ async def test_stalled_large_bodies_do_not_starve_other_requests(
         _reader, writer = await registry.connect()
         writer.write(request_head("PATCH", location, length=announced) + b"x" * 1000)
         await writer.drain()
-    await wait_for(lambda: all(registry.busy(location) for location in locations))
+    await wait_until(lambda: all(registry.busy(location) for location in locations))
     await asyncio.sleep(0.3)
     started = time.monotonic()
     resp = await registry.http.post("/v2/other/blobs/uploads/")  # needs a storage thread
@@ -455,7 +444,7 @@ async def stall_then_stop(registry: ServedRegistry, announced: int, sent: int) -
     reader, writer = await registry.connect()
     writer.write(request_head("PATCH", location, length=announced) + data)
     await writer.drain()
-    await wait_for(lambda: registry.busy(location))
+    await wait_until(lambda: registry.busy(location))
     await asyncio.sleep(0.3)  # the body's reader has what was sent and waits for more
     await registry.http.close()
     started = time.monotonic()

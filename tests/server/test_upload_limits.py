@@ -22,9 +22,9 @@ from aiohttp.test_utils import TestClient
 from regproxy.errors import BlobUploadUnknown, TooManyRequests
 from regproxy.server.keys import UPLOADS
 from regproxy.storage.uploads import Uploads
-from tests.conftest import make_config, start_client
-from tests.server.oci import assert_error, envelope_codes, sha256
-from tests.server.test_direct_uploads import finish_upload, get_blob, upload_id, upload_offset
+from tests.support.inprocess import make_config, start_client
+from tests.support.oci import assert_error, envelope_codes, sha256
+from tests.support.served import finish_upload, get_blob, upload_id, upload_offset
 
 Start = Callable[..., Awaitable[TestClient]]
 
