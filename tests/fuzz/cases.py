@@ -265,6 +265,8 @@ class FuzzRequest:
     headers: list[tuple[str, str]] = field(default_factory=list)
     body: bytes | None = None
     chunked: bool = False
+    #: whose credentials it carries: a user, "anonymous", or "garbage" (refused ones)
+    who: str = "anonymous"
 
     def describe(self) -> str:
         """`METHOD target [headers] <body size>`: enough to replay it by hand."""
@@ -629,7 +631,7 @@ def credentials(rng: random.Random, world: World) -> tuple[str, list[tuple[str, 
         return "garbage", [("Authorization", garbage)]
     user = "alice" if rng.random() < 0.75 else rng.choice(users)
     if world.mode == "token" and rng.random() < 0.8 and user in world.tokens:
-        return f"{user}(bearer)", [("Authorization", f"Bearer {world.tokens[user]}")]
+        return user, [("Authorization", f"Bearer {world.tokens[user]}")]
     return user, [("Authorization", basic(user, PASSWORDS[user]))]
 
 
@@ -712,7 +714,7 @@ class Generator:
     def random_request(self) -> FuzzRequest:
         family = self.rng.choice(self._families)
         request = getattr(self, "_" + family.replace("-", "_"))()
-        _who, auth = credentials(self.rng, self.world)
+        request.who, auth = credentials(self.rng, self.world)
         request.headers = auth + request.headers
         request.case = f"{family}/{request.case}" if request.case else family
         self._mutate(request)

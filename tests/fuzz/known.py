@@ -57,7 +57,13 @@ def known_issue_requests(rng: random.Random, world: World) -> list[FuzzRequest]:
         who: list[tuple[str, str]] | None = None,
     ) -> None:
         auth = alice if who is None else who
-        out.append(FuzzRequest(f"issue/{case}", method, target, [*auth, *headers], body))
+        sent = [*auth, *headers]
+        request = FuzzRequest(f"issue/{case}", method, target, sent, body)
+        credentials = [value for name, value in sent if name == "Authorization"]
+        if credentials:
+            users = {basic(user): user for user in PASSWORDS}
+            request.who = users.get(credentials[0], "garbage") if len(credentials) == 1 else "?"
+        out.append(request)
 
     digest = world.protected_digests[0]
     blob = world.protected_blobs[0]
@@ -129,6 +135,12 @@ def known_issue_requests(rng: random.Random, world: World) -> list[FuzzRequest]:
                 add("ns-param", "GET", f"/v2/{name}/{route}?{query}", who=who)
                 if not route.startswith(("tags", "referrers")):
                     add("ns-param", "HEAD", f"/v2/{name}/{route}?{query}", who=who)
+    # an empty `ns` is no upstream: the repository's own rules must still apply
+    bob = [("Authorization", basic("bob"))]
+    for query in ("ns=", "ns", "ns=&ns=docker.io", "ns=docker.io&ns="):
+        for route in ("manifests/v1", "tags/list", f"referrers/{digest}"):
+            add("ns-param-access", "GET", f"/v2/alice/y/{route}?{query}", who=bob)
+            add("ns-param-access", "GET", f"/v2/misc/z/{route}?{query}", who=[])
     # manifests: NaN, sizes past int64, absurd nesting and element counts
     for variant in manifest_variants():
         body = manifest_body(rng, world, "fz/a", variant)

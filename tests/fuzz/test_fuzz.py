@@ -10,6 +10,7 @@ an aiohttp client (the cases issue 11 names, `known.py`, then seeded random ones
   400s for requests it cannot parse, before any route, are counted, not failed);
 - raw garbage gets a 4xx or a closed connection, never a 5xx and never a hang;
 - nothing is logged with a traceback, and no log line is longer than 2 KiB;
+- with auth, no read of a repository the rules keep from the caller succeeds;
 - afterwards the server answers, the two images pull back byte for byte, and the stores
   hold nothing off their layout and no blob whose bytes differ from its digest.
 
@@ -21,12 +22,14 @@ requests each mode sends (1500).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import random
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import aiohttp
 import pytest
@@ -197,6 +200,9 @@ async def send_one(
         return
     findings.count(status)
     world.learn(request, status, headers.get("Location"))
+    leak = authz_leak(world, request, status, body)
+    if leak is not None:
+        findings.add("access-rule-bypassed", request.case, described, leak)
     if status >= 500:
         findings.add("5xx", request.case, described, f"{status} {cut(body, 160)}")
     elif status >= 400 and "Docker-Distribution-API-Version" not in headers:
@@ -209,6 +215,41 @@ async def send_one(
     ):
         answer = f"{status} {cut(body, 160)}"
         findings.add("not-envelope", request.case, described, answer, cut(answer, 60))
+
+
+#: who may read each private namespace under `RULES` (root too, but the fuzzer never is)
+READERS = {"alice/": ("alice",), "misc/": ("alice", "bob")}
+
+
+def authz_leak(world: World, request: FuzzRequest, status: int, body: bytes) -> str | None:
+    """What a 2xx showed that the rules keep from this caller, or None.
+
+    A read of `alice/*` by anyone but alice, or of `misc/*` anonymously, must fail, and
+    the catalog must not list them; `?ns=<upstream>` reads go upstream (which holds
+    neither), so they are not local reads. Writes are checked by the stores: the
+    protected images pull back intact.
+    """
+    if world.mode == "none" or not 200 <= status < 300 or request.method not in ("GET", "HEAD"):
+        return None
+    path, _, query = request.target.partition("?")
+    if path in ("/v2/_catalog", "/v2/_catalog/") and request.method == "GET":
+        try:
+            listed = json.loads(body).get("repositories", [])
+        except (ValueError, AttributeError):
+            return None
+        hidden = [
+            name
+            for name in listed
+            for prefix, readers in READERS.items()
+            if name.startswith(prefix) and request.who not in readers
+        ]
+        return f"catalog lists {hidden} to {request.who}" if hidden else None
+    if any(key == "ns" and value for key, value in parse_qsl(query, keep_blank_values=True)):
+        return None
+    for prefix, readers in READERS.items():
+        if path.startswith("/v2/" + prefix) and request.who not in readers:
+            return f"{status} for {request.who} on {prefix}*"
+    return None
 
 
 async def send_raw_cases(
