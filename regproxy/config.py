@@ -31,6 +31,11 @@ ENV_PREFIX = "REGPROXY_"
 _DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
 _SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?\s*", re.IGNORECASE)
+#: `scheme://…`: a URL where a path was expected
+_URL_RE = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*)://")
+#: S3 bucket names (AWS's rules for general purpose buckets, which S3-compatibles accept)
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_HTTP_URL_RE = re.compile(r"https?://[^/\s]+(/\S*)?")
 
 
 def parse_duration(value: Any) -> float:
@@ -81,6 +86,59 @@ class Secret(str):
 
     def __repr__(self) -> str:
         return "Secret('***')"
+
+
+@dataclass(frozen=True)
+class S3Location:
+    """A store on S3, `s3://bucket[/prefix]`: a URL, never made absolute like a path.
+
+    The prefix has no slash at either end and no empty, `.` or `..` segment, so
+    `f"{prefix}/{key}"` is the one way a store's keys are named.
+    """
+
+    bucket: str
+    prefix: str = ""
+
+    @classmethod
+    def parse(cls, url: str) -> S3Location:
+        """`s3://bucket[/prefix][/]` → S3Location; ValueError naming what is wrong."""
+        if not url.startswith("s3://"):
+            raise ValueError(f"expected s3://BUCKET[/PREFIX], got {url!r}")
+        bucket, _, prefix = url[len("s3://") :].partition("/")
+        if not _BUCKET_RE.fullmatch(bucket) or ".." in bucket:
+            raise ValueError(
+                f"{bucket!r} is not an S3 bucket name (3-63 lower-case letters, digits, "
+                "dots and hyphens; the endpoint goes in [s3] endpoint)"
+            )
+        prefix = prefix.removesuffix("/")
+        if any(ord(c) < 32 or c in "\\?#" for c in prefix):
+            raise ValueError(f"the prefix of {url!r} holds a control character, \\, ? or #")
+        for segment in prefix.split("/") if prefix else []:
+            if segment in ("", ".", ".."):
+                raise ValueError(f"the prefix of {url!r} has an empty, . or .. segment")
+            if len(segment.encode()) > 255:
+                raise ValueError(f"the prefix of {url!r} has a segment over 255 bytes")
+        return cls(bucket, prefix)
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    def __str__(self) -> str:
+        return self.url
+
+    def overlaps(self, other: S3Location) -> bool:
+        """True when one location's keys can be the other's (same bucket, nested prefix)."""
+        if self.bucket != other.bucket:
+            return False
+        if not self.prefix or not other.prefix:
+            return True
+        mine, theirs = f"{self.prefix}/", f"{other.prefix}/"
+        return mine.startswith(theirs) or theirs.startswith(mine)
+
+
+#: where a store lives: a local folder, or a bucket (and prefix) on S3
+StorageLocation = Path | S3Location
 
 
 @dataclass(frozen=True)
@@ -239,10 +297,56 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class S3Config:
+    """How to reach S3 when a store is `s3://…` (unused otherwise).
+
+    Credentials: `access_key_id` with the secret from `secret_access_key_env` or
+    `secret_access_key_file`, or else the standard AWS chain (AWS_ACCESS_KEY_ID /
+    AWS_SECRET_ACCESS_KEY, AWS_PROFILE, instance and pod roles).
+    """
+
+    #: the S3 API's base URL (`http(s)://host[:port]`); none: AWS itself
+    endpoint: str | None = None
+    #: none: AWS_DEFAULT_REGION, the AWS profile's, AWS_REGION, else us-east-1
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key_env: str | None = None
+    secret_access_key_file: Path | None = None
+    #: blob GETs answer 307 to a short-lived presigned URL instead of relaying the bytes
+    redirect: bool = False
+    #: the endpoint presigned URLs name, when clients reach S3 by another address than
+    #: regproxy does (a signature covers the host)
+    public_endpoint: str | None = None
+
+    def resolved_secret_access_key(self) -> Secret | None:
+        """The secret key from its environment variable or file; None: the AWS chain."""
+        if self.secret_access_key_env:
+            value = os.environ.get(self.secret_access_key_env)
+            if not value:
+                raise ConfigError(
+                    f"s3.secret_access_key_env: environment variable "
+                    f"{self.secret_access_key_env} is not set"
+                )
+            return Secret(value)
+        if self.secret_access_key_file:
+            try:
+                return Secret(self.secret_access_key_file.read_text().strip())
+            except OSError as exc:
+                raise ConfigError(
+                    f"s3.secret_access_key_file: cannot read {self.secret_access_key_file}: "
+                    f"{exc.strerror}"
+                ) from None
+        return None
+
+
+@dataclass(frozen=True)
 class Config:
-    registry_storage: Path
+    #: a local folder, or `s3://bucket[/prefix]` (see [s3])
+    registry_storage: StorageLocation
+    #: always a local folder: upload buffers and spool files
     temporary_registry_storage: Path
-    proxy_storage: Path
+    #: a local folder, or `s3://bucket[/prefix]`, independently of registry_storage
+    proxy_storage: StorageLocation
     proxy_max_size: ByteSize | None = None
     server: ServerConfig = field(default_factory=ServerConfig)
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
@@ -250,10 +354,20 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    s3: S3Config = field(default_factory=S3Config)
     source: Path | None = None  # the file this was read from (not a config key)
 
-    def storage_dirs(self) -> tuple[Path, Path, Path]:
-        return self.registry_storage, self.temporary_registry_storage, self.proxy_storage
+    def storage_dirs(self) -> tuple[Path, ...]:
+        """The local folders to create: the temporary one, and each store not on S3."""
+        folders = (self.registry_storage, self.temporary_registry_storage, self.proxy_storage)
+        return tuple(folder for folder in folders if isinstance(folder, Path))
+
+    @property
+    def uses_s3(self) -> bool:
+        """A store is on S3 (only then is boto3 imported)."""
+        return isinstance(self.registry_storage, S3Location) or isinstance(
+            self.proxy_storage, S3Location
+        )
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -276,6 +390,7 @@ def _type_name(tp: Any) -> str:
         Duration: "a duration",
         ByteSize: "a size",
         Secret: "a string",
+        S3Location: "an s3:// URL",
     }.get(tp, getattr(tp, "__name__", str(tp)))
 
 
@@ -283,6 +398,12 @@ def _convert(value: Any, tp: Any, key: str, base: Path) -> Any:
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
         options = [a for a in get_args(tp) if a is not type(None)]
+        s3_like = isinstance(value, str) and (_URL_RE.match(value) or value.startswith("s3:"))
+        if S3Location in options and s3_like:
+            try:
+                return S3Location.parse(str(value))
+            except ValueError as exc:
+                raise ConfigError(f"{key}: {exc}") from None
         return _convert(value, options[0], key, base)
     if isinstance(value, _EnvText):
         # an environment value is text for string keys (a numeric password stays a string)
@@ -311,6 +432,10 @@ def _convert(value: Any, tp: Any, key: str, base: Path) -> Any:
     if tp is Path:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{key}: expected a path string, got {value!r}")
+        if _URL_RE.match(value):
+            where = " (only registry_storage and proxy_storage can be on S3)"
+            hint = where if value.startswith("s3:") else ""
+            raise ConfigError(f"{key}: expected a local path, got the URL {value!r}{hint}")
         path = Path(value).expanduser()
         return path if path.is_absolute() else base / path
     if tp is Secret:
@@ -474,4 +599,33 @@ def _validated(raw: dict[str, Any], base: Path, source: Path | None) -> Config:
     mirror = config.proxy.mirror_upstream
     if mirror is not None and mirror not in config.proxy.upstreams:
         raise ConfigError(f"proxy.mirror_upstream: {mirror!r} is not a configured upstream")
-    return dataclasses.replace(config, source=source)
+    registry, proxy = config.registry_storage, config.proxy_storage
+    both_on_s3 = isinstance(registry, S3Location) and isinstance(proxy, S3Location)
+    if both_on_s3 and registry.overlaps(proxy):
+        raise ConfigError(
+            f"proxy_storage: {proxy} overlaps registry_storage {registry} "
+            "(cache eviction must never reach pushed images): give each its own prefix"
+        )
+    return dataclasses.replace(config, s3=_validated_s3(config.s3), source=source)
+
+
+def _validated_s3(s3: S3Config) -> S3Config:
+    """`[s3]` checked; an empty string (e.g. from the environment) means "not set"."""
+    optional = ("endpoint", "region", "access_key_id", "secret_access_key_env", "public_endpoint")
+    s3 = dataclasses.replace(s3, **{name: getattr(s3, name) or None for name in optional})
+    for name in ("endpoint", "public_endpoint"):
+        url = getattr(s3, name)
+        if url is not None:
+            if not _HTTP_URL_RE.fullmatch(url):
+                raise ConfigError(f"s3.{name}: expected an http(s) URL, got {url!r}")
+            s3 = dataclasses.replace(s3, **{name: url.rstrip("/")})
+    secrets = [n for n in ("secret_access_key_env", "secret_access_key_file") if getattr(s3, n)]
+    if len(secrets) > 1:
+        raise ConfigError("s3.secret_access_key_env and s3.secret_access_key_file: set one")
+    if s3.access_key_id and not secrets:
+        raise ConfigError(
+            "s3.access_key_id: needs s3.secret_access_key_env or s3.secret_access_key_file"
+        )
+    if secrets and not s3.access_key_id:
+        raise ConfigError(f"s3.{secrets[0]}: needs s3.access_key_id")
+    return s3
