@@ -38,6 +38,8 @@ LAYERS = {
     "regproxy.storage.uploads": ABOVE_STORAGE,
     "regproxy.storage.verify": ABOVE_STORAGE,
     "regproxy.storage.inventory": ABOVE_STORAGE,
+    # boto3 only when a client is built: a store is on S3
+    "regproxy.storage.s3client": [*ABOVE_STORAGE, "boto3", "botocore"],
     "regproxy.access.policy": ABOVE_ACCESS,
     "regproxy.access.tokens": ABOVE_ACCESS,
     "regproxy.proxy.prefetch": ABOVE_PROXY,
@@ -69,10 +71,11 @@ def test_layer_imports_nothing_above_it(module: str) -> None:
 
 
 def test_serve_loads_no_offline_command() -> None:
-    """`regproxy serve` imports neither rich nor the offline commands' modules (RSS)."""
+    """`regproxy serve` imports neither rich, boto3 (only for stores on S3) nor the offline
+    commands' modules (RSS)."""
     loaded = modules_loaded_by("from regproxy.cli import main; main.get_command(None, 'serve')")
     assert "regproxy.cli.serve" in loaded
-    for module in ("rich", "regproxy.cli.gc", "regproxy.cli.ls", "regproxy.cli.verify"):
+    for module in ("rich", "boto3", "regproxy.cli.gc", "regproxy.cli.ls", "regproxy.cli.verify"):
         assert module not in loaded, f"serve pulls in {module}"
 
 
