@@ -96,7 +96,8 @@ def probe(client: Any, bucket: str, prefix: str) -> None:
     swaps it with a stale `If-Match` (must be refused too: tags are compare-and-swapped),
     and deletes it. Raises ConfigError with one line naming the cause.
     """
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+    from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, NoCredentialsError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
 
     where = S3Location(bucket, prefix).url
     endpoint = client.meta.endpoint_url
@@ -126,9 +127,28 @@ def probe(client: Any, bucket: str, prefix: str) -> None:
             "or s3.secret_access_key_file, or give the AWS chain some (AWS_ACCESS_KEY_ID and "
             "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, an instance or pod role)"
         ) from None
+    except (BotoConnectionError, HTTPClientError) as exc:
+        reason = _network_reason(exc)
+        raise ConfigError(f"{where}: cannot reach the S3 endpoint {endpoint}: {reason}") from None
     except BotoCoreError as exc:
-        # EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, SSLError, …
-        raise ConfigError(f"{where}: cannot reach the S3 endpoint {endpoint}: {exc}") from None
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _network_reason(exc: Exception) -> str:
+    """A short cause of a failed connection: `[Errno 111] Connection refused`, a timeout,
+    or the TLS error in full."""
+    from botocore.exceptions import ConnectTimeoutError, ReadTimeoutError, SSLError
+
+    if isinstance(exc, ConnectTimeoutError):
+        return f"no connection within {CONNECT_TIMEOUT:g} s"
+    if isinstance(exc, ReadTimeoutError):
+        return f"no answer within {READ_TIMEOUT:g} s"
+    cause = getattr(exc, "kwargs", {}).get("error")
+    if cause is None:
+        return str(exc)
+    if isinstance(exc, SSLError):
+        return f"TLS: {cause}"
+    return str(cause).rsplit(": ", 1)[-1]
 
 
 def _refusal(call: Any, **kwargs: Any) -> dict[str, Any] | None:

@@ -9,6 +9,7 @@ small fake on 127.0.0.1 (SeaweedFS honours them).
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ import pytest
 
 from regproxy.config import S3Config
 from regproxy.errors import ConfigError
+from regproxy.storage import s3client
 from regproxy.storage.s3client import (
     POOL_CONNECTIONS,
     build_client,
@@ -259,8 +261,24 @@ def test_probe_closed_port(tmp_path: Path) -> None:
     client = build_client(settings(endpoint, tmp_path))
     started = time.monotonic()
     message = probe_error(client, "bucket")
-    assert message.startswith(f"s3://bucket/registry: cannot reach the S3 endpoint {endpoint}: ")
+    assert message == (
+        f"s3://bucket/registry: cannot reach the S3 endpoint {endpoint}: "
+        "[Errno 111] Connection refused"
+    )
     assert time.monotonic() - started < 15
+
+
+def test_probe_silent_endpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A port that accepts connections and never answers: a read timeout, named."""
+    monkeypatch.setattr(s3client, "READ_TIMEOUT", 0.3)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # the kernel completes handshakes; nobody ever reads or answers
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        client = build_client(settings(endpoint, tmp_path))
+        assert probe_error(client, "bucket") == (
+            f"s3://bucket/registry: cannot reach the S3 endpoint {endpoint}: no answer within 0.3 s"
+        )
 
 
 def test_probe_without_credentials(seaweed: SeaweedS3, s3_bucket: str) -> None:
