@@ -25,6 +25,8 @@ LAYERS = {
     "regproxy.errors": [*ABOVE_LEAVES, "aiohttp"],
     # large HTTP bodies off aiohttp: a leaf used by both server and proxy, duck-typed
     "regproxy.sockbody": [*ABOVE_LEAVES, "aiohttp"],
+    # aiohttp's internals fenced in: a leaf over aiohttp and sockbody, for server and proxy
+    "regproxy.aiohttp_adapter": [*ABOVE_LEAVES, "click", "rich"],
     "regproxy.digest": ABOVE_LEAVES,
     "regproxy.reference": ABOVE_LEAVES,
     "regproxy.manifest": ABOVE_LEAVES,
