@@ -12,11 +12,11 @@ import asyncio
 import logging
 import signal
 import ssl
+from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
-from aiohttp.web_server import Server
 
+from regproxy.aiohttp_adapter import DeadlineRunner
 from regproxy.config import Config
 from regproxy.errors import ConfigError
 from regproxy.server import ops
@@ -37,35 +37,12 @@ class ListenError(OSError):
         self.address = address
 
 
-class _GuardedHandler(RequestHandler):
-    """A request handler that drops connections which never complete a request."""
+class GuardedRunner(DeadlineRunner):
+    """The runner `serve` uses: connections that send no whole request head within
+    `HEADER_TIMEOUT` (read for each new connection, so tests can shorten it) are closed."""
 
-    _guard: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self._guard = asyncio.get_running_loop().call_later(HEADER_TIMEOUT, self._no_request)
-
-    def _no_request(self) -> None:
-        if getattr(self, "_request_count", 1) == 0 and self.transport is not None:
-            self.transport.close()
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if self._guard is not None:
-            self._guard.cancel()
-        super().connection_lost(exc)
-
-
-class _GuardedServer(Server):
-    def __call__(self) -> RequestHandler:
-        return _GuardedHandler(self, loop=self._loop, **self._kwargs)
-
-
-class GuardedRunner(web.AppRunner):
-    async def _make_server(self) -> Server:
-        server = await super()._make_server()
-        server.__class__ = _GuardedServer  # same state, guarded handlers
-        return server
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        super().__init__(app, header_timeout=lambda: HEADER_TIMEOUT, **kwargs)
 
 
 def tls_context(config: Config) -> ssl.SSLContext | None:
