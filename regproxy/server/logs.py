@@ -38,8 +38,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
+from regproxy import aiohttp_adapter
 from regproxy.config import LogConfig
 from regproxy.server.keys import USER
 from regproxy.server.metrics import METRICS, Handler, RequestMetrics, route_of
@@ -140,13 +140,9 @@ class _Pending:
         if task is None or task.cancelled() or task.exception() is not None:
             aborted = True  # the connection broke while sending, or the client left
         else:
-            # aiohttp's request task returns (the response it sent, whether the client left)
-            result = task.result()
-            if isinstance(result, tuple) and len(result) == 2:
-                sent_response, reset = result
-                if isinstance(sent_response, web.StreamResponse):
-                    response = sent_response
-                aborted = bool(reset)
+            sent_response, aborted = aiohttp_adapter.request_task_outcome(task)
+            if sent_response is not None:
+                response = sent_response
         status = response.status if response is not None else self.status
         if aborted and response is None:
             status = 499  # the client went away before any answer
@@ -165,7 +161,7 @@ def _account(
     """Feed the request metrics and write the access line."""
     duration = time.perf_counter() - started
     sent = _body_bytes(request, response, aborted)
-    received = request.content.total_bytes
+    received = aiohttp_adapter.body_bytes_received(request)
     route = route_of(request)
     if counters is not None:
         counters.in_flight -= 1
@@ -252,7 +248,7 @@ def setup(app: web.Application) -> None:
     """The request id header on every response (the middleware is in `create_app`'s list),
     and aiohttp's reports of malformed requests cut down to one short line."""
     app.on_response_prepare.append(add_request_id)
-    server_log = logging.getLogger("aiohttp.server")
+    server_log = aiohttp_adapter.server_logger()
     if not any(isinstance(f, MalformedRequestLine) for f in server_log.filters):
         server_log.addFilter(MalformedRequestLine())
 
@@ -264,12 +260,11 @@ class MalformedRequestLine(logging.Filter):
     Anything else aiohttp reports (a real error in the server) keeps its traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError) and (exc.code or 400) < 500:
-            remote = record.args[0] if isinstance(record.args, tuple) and record.args else "-"
-            reason = cut(str(exc.message or type(exc).__name__).replace("\n", " "), 200)
+        malformed = aiohttp_adapter.malformed_request(record)
+        if malformed is not None:
+            remote, reason = malformed
             record.msg = "malformed request from %s: %s"
-            record.args = (remote, reason)
+            record.args = (remote, cut(reason.replace("\n", " "), 200))
             record.exc_info = None
             record.exc_text = None
             record.levelno, record.levelname = logging.INFO, "INFO"
@@ -344,4 +339,4 @@ def configure_logging(config: LogConfig, level: str | None = None) -> None:
     # the access log can be switched off on its own (it is one line per request)
     access_log.disabled = not config.access
     # aiohttp's access logger is replaced by ours; its other loggers stay
-    logging.getLogger("aiohttp.access").disabled = True
+    aiohttp_adapter.access_logger().disabled = True
