@@ -18,9 +18,10 @@ from urllib.parse import urlencode, urljoin, urlsplit
 
 import aiohttp
 
+from regproxy.aiohttp_adapter import take_response_body
 from regproxy.config import Secret, UpstreamConfig
 from regproxy.manifest import ACCEPT_ALL
-from regproxy.sockbody import TakenBody, direct_length, take_over
+from regproxy.sockbody import TakenBody, direct_length
 
 log = logging.getLogger("regproxy.upstream")
 
@@ -277,7 +278,8 @@ class Upstream:
                     headers=headers,
                     params=params,
                     allow_redirects=False,
-                    timeout=SMALL_TIMEOUT if small else aiohttp.helpers.sentinel,
+                    # the session's own timeout is what passing none at all means
+                    timeout=SMALL_TIMEOUT if small else self._session.timeout,
                 )
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 raise UpstreamError(f"{method} {urlsplit(url).path}: {_describe(exc)}") from None
@@ -317,9 +319,9 @@ class Upstream:
         content coding, plain TCP), else None. The caller must then `close()` the
         response: its connection cannot go back to the pool."""
         length = direct_length(resp.content_length, resp.headers)
-        if length is None or resp.connection is None:
+        if length is None:
             return None
-        return take_over(resp.content, resp.connection.transport, length)
+        return take_response_body(resp, length)
 
     async def get_json(
         self, path: str, remote: str, params: dict[str, str] | None = None
