@@ -13,8 +13,9 @@ nothing meanwhile.
 The connection cannot carry another message afterwards: aiohttp's parser still counts
 the body as pending. Whoever takes a body over closes the connection after answering.
 
-No aiohttp import: the reader and transport are duck-typed, so both the server (request
-bodies) and the proxy (upstream response bodies) use this module.
+No aiohttp import: the reader and transport are duck-typed (`BufferedBody`, `Transport`).
+`regproxy.aiohttp_adapter` hands aiohttp's own to `take_over`, for the server (request
+bodies) and the proxy (upstream response bodies), and its test checks they still fit.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 #: Smaller bodies go through aiohttp: not worth a connection that cannot be reused.
 DIRECT_MIN = 1024 * 1024
@@ -48,6 +49,29 @@ _executor = ThreadPoolExecutor(max_workers=MAX_BODIES, thread_name_prefix="regpr
 T = TypeVar("T")
 
 Consumer = Callable[[memoryview], None]
+
+
+class BufferedBody(Protocol):
+    """What `take_over` uses of a body's reader (aiohttp's `StreamReader`)."""
+
+    #: body bytes fed to the reader so far, read or not
+    total_bytes: int
+
+    def exception(self) -> BaseException | None: ...
+
+    def read_nowait(self) -> bytes:
+        """What is buffered now, b"" when nothing is."""
+        ...
+
+
+class Transport(Protocol):
+    """What `take_over` uses of the connection's asyncio transport."""
+
+    def is_closing(self) -> bool: ...
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any: ...
+
+    def pause_reading(self) -> None: ...
 
 
 class BodyTimeout(Exception):
@@ -101,7 +125,7 @@ def direct_length(length: int | None, headers: Mapping[str, str]) -> int | None:
     return length
 
 
-def plain_socket(transport: Any) -> Any | None:
+def plain_socket(transport: Transport | None) -> Any | None:
     """The transport's socket when it can be read directly: TCP without TLS."""
     if transport is None or transport.is_closing():
         return None
@@ -112,11 +136,11 @@ def plain_socket(transport: Any) -> Any | None:
     return transport.get_extra_info("socket")
 
 
-def take_over(content: Any, transport: Any, length: int) -> TakenBody | None:
+def take_over(content: BufferedBody, transport: Transport | None, length: int) -> TakenBody | None:
     """Take the rest of a `length`-byte body away from aiohttp, or None if it cannot be.
 
-    `content` is aiohttp's `StreamReader` for the body, not read from yet. Must be called
-    on the event loop, without awaiting in between, so no data callback runs meanwhile.
+    `content` is the body's reader, not read from yet. Must be called on the event loop,
+    without awaiting in between, so no data callback runs meanwhile.
     """
     sock = plain_socket(transport)
     if sock is None or content.exception() is not None:
