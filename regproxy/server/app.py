@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from regproxy.aiohttp_adapter import request_handler_args
 from regproxy.config import Config
 from regproxy.proxy.cache import ProxyCache
 from regproxy.server import (
@@ -157,7 +158,7 @@ def create_app(config: Config) -> web.Application:
         + ([auth.auth_middleware] if authenticator is not None else []),
         # bodies are taken as sent: a content coding is refused (middleware), never
         # inflated, so a deflate bomb costs nothing
-        handler_args={"max_field_size": 16384, "auto_decompress": False},
+        handler_args=request_handler_args(max_field_size=16384, auto_decompress=False),
         # only the token endpoint's form is read whole by aiohttp; manifests have their
         # own cap and budget (bodies.read_capped), blobs are streamed
         client_max_size=TOKEN_FORM_MAX,
