@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import io
 import os
 import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, BinaryIO
 
+from regproxy.storage.backend import Entry
 from regproxy.storage.layout import temp_name
 
 #: a first read this large covers every tag and revision file and most manifests
@@ -101,8 +104,14 @@ class FsBackend:
     and gc clean them, never next to blobs or tags.
     """
 
+    local = True
+
     def __init__(self, tmp_dir: Path | None = None) -> None:
         self.tmp_dir = tmp_dir
+
+    def prepare(self, folders: list[Path]) -> None:
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
 
     def read(self, path: Path) -> bytes | None:
         # raw os.open/os.read: a third of the syscalls of a buffered open() for the tag and
@@ -145,6 +154,27 @@ class FsBackend:
         os.close(fd)
         os.replace(tmp, path)
         fsync_dir(folder)
+
+    def create(self, path: Path, data: bytes) -> bool:
+        """Written to a temp file and linked into place: `link` fails when the target
+        exists, so of two creators exactly one wins, and nobody sees a partial file."""
+        folder = path.parent
+        makedirs_durable(folder)
+        staging = self.tmp_dir or folder
+        staging.mkdir(parents=True, exist_ok=True)
+        tmp = temp_name(staging)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+        fsync_dir(folder)
+        return True
 
     def ensure(self, path: Path) -> None:
         if os.path.exists(path):
@@ -189,7 +219,48 @@ class FsBackend:
         except (FileNotFoundError, NotADirectoryError):
             return []
 
-    def move_into(self, src: Path, dst: Path, tmp_dir: Path) -> None:
+    def files(self, folder: Path) -> Iterator[Entry]:
+        root = str(folder)
+        for dirpath, dirs, names in os.walk(root):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            relative = os.path.relpath(dirpath, root)
+            for name in names:
+                if name.startswith("."):
+                    continue
+                try:
+                    st = os.stat(os.path.join(dirpath, name))
+                except OSError:
+                    continue  # removed while we walked
+                path = name if relative == "." else f"{relative}/{name}"
+                yield Entry(path, st.st_size, st.st_mtime)
+
+    def move(self, src: Path, dst: Path) -> None:
+        makedirs_durable(dst.parent)
+        os.replace(src, dst)
+        fsync_dir(dst.parent)
+
+    def open_read(self, path: Path, start: int = 0, end: int | None = None) -> BinaryIO:
+        handle = open(path, "rb")  # noqa: SIM115 - the caller closes it
+        if start:
+            handle.seek(start)
+        if end is None:
+            return handle
+        return _Bounded(handle, end - start)
+
+    def local_path(self, path: Path) -> Path | None:
+        return path
+
+    def presign(self, path: Path, seconds: int) -> str | None:
+        return None
+
+    def prune(self, folder: Path, stop: Path) -> None:
+        prune_empty_dirs(folder, stop)
+
+    def sweep_leftovers(self, tmp: Path, age: float, now: float, dry_run: bool) -> int:
+        return remove_older_than(tmp, age, now, dry_run)
+
+    def move_into(self, src: Path, dst: Path) -> None:
+        tmp_dir = self.tmp_dir or dst.parent
         makedirs_durable(dst.parent)
         try:
             os.replace(src, dst)
@@ -230,6 +301,33 @@ class FsBackend:
 
     def exclusive_lock(self, path: Path) -> contextlib.AbstractContextManager[None]:
         return self._lock(path, fcntl.LOCK_EX)
+
+
+class _Bounded(io.RawIOBase):
+    """The first `limit` bytes of an open file (a ranged read)."""
+
+    def __init__(self, handle: BinaryIO, limit: int) -> None:
+        self._handle = handle
+        self._left = limit
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0 or size > self._left:
+            size = self._left
+        data = self._handle.read(size) if size else b""
+        self._left -= len(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._handle.close()
+        super().close()
 
 
 def remove_older_than(

@@ -20,7 +20,7 @@ from pathlib import Path
 from regproxy import manifest as mf
 from regproxy.digest import Digest
 from regproxy.errors import RegistryError
-from regproxy.storage.fs import prune_empty_dirs, remove_older_than
+from regproxy.storage.fs import remove_older_than
 from regproxy.storage.layout import LAYERS, TEMP_MAX_AGE
 from regproxy.storage.store import Store
 
@@ -191,14 +191,14 @@ def collect(
             report.note(str(digest))
             if not dry_run:
                 store.backend.remove(path)
-                prune_empty_dirs(path.parent, store.layout.blobs)
+                store.backend.prune(path.parent, store.layout.blobs)
         if swept and not dry_run:
             for name in repositories:
                 _unlink_swept_layers(store, name, swept)
     report.blobs_kept = len(marker.blobs)
     # tmp/ holds atomic writes and cross-filesystem copies in progress (a slow fsync or a
     # big copy can take seconds): only crash leftovers go, whatever the grace period
-    report.temp_files_removed += remove_older_than(
+    report.temp_files_removed += store.backend.sweep_leftovers(
         store.layout.tmp, max(started - cutoff, TEMP_MAX_AGE), started, dry_run
     )
     report.seconds = time.time() - started
@@ -274,7 +274,7 @@ def evict_lru(
             if not dry_run:
                 path = store.blob_path(digest)
                 store.backend.remove(path)
-                prune_empty_dirs(path.parent, store.layout.blobs)
+                store.backend.prune(path.parent, store.layout.blobs)
     report.size_after = total
     report.seconds = time.time() - started
     return report

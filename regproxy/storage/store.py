@@ -9,7 +9,6 @@ cached manifest) inline.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -29,7 +28,7 @@ from regproxy.errors import (
 )
 from regproxy.reference import validate_tag
 from regproxy.storage.backend import Backend
-from regproxy.storage.fs import FsBackend, prune_empty_dirs
+from regproxy.storage.fs import FsBackend
 from regproxy.storage.layout import REPO_MARKERS, Layout
 
 #: entries of each small metadata cache before it starts over
@@ -82,8 +81,7 @@ class Store:
         # small metadata remembered with the file version it was read at (see `version`)
         self._media_types: dict[tuple[str, Digest], tuple[tuple[int, int, int], str]] = {}
         self._tag_lists: dict[str, tuple[tuple[int, int, int], tuple[str, ...]]] = {}
-        for folder in (self.layout.blobs, self.layout.repositories, self.layout.tmp):
-            folder.mkdir(parents=True, exist_ok=True)
+        self.backend.prepare([self.layout.blobs, self.layout.repositories, self.layout.tmp])
 
     @property
     def root(self) -> Path:
@@ -130,7 +128,7 @@ class Store:
                 self.backend.remove(src)
                 self.backend.touch(target)
             else:
-                self.backend.move_into(src, target, self.layout.tmp)
+                self.backend.move_into(src, target)
                 # a rename keeps the upload's mtime (its last PATCH): restart the gc grace
                 # period at the commit, as for a re-push of an existing blob
                 self.backend.touch(target)
@@ -312,7 +310,7 @@ class Store:
                 if subject is not None:
                     link = self.layout.referrer(name, subject.digest, digest)
                     self.backend.remove(link)
-                    prune_empty_dirs(link.parent, self.layout.repo(name))
+                    self.backend.prune(link.parent, self.layout.repo(name))
 
     # ---- listings ----------------------------------------------------------------------
 
@@ -348,11 +346,14 @@ class Store:
     def repositories(self) -> list[str]:
         """Every repository name in the store, sorted."""
         found: list[str] = []
-        root = str(self.layout.repositories)
-        for dirpath, dirs, _files in os.walk(root):
-            if any(d in REPO_MARKERS for d in dirs):
-                found.append(os.path.relpath(dirpath, root))
-            dirs[:] = [d for d in dirs if not d.startswith(("_", "."))]
+        pending = [""]
+        while pending:  # one listing per folder above the repositories' metadata
+            prefix = pending.pop()
+            folder = self.layout.repositories / prefix if prefix else self.layout.repositories
+            entries = self.backend.names(folder)
+            if prefix and any(entry in REPO_MARKERS for entry in entries):
+                found.append(prefix)
+            pending += [f"{prefix}/{e}" if prefix else e for e in entries if not e.startswith("_")]
         return sorted(found)
 
     def revisions(self, name: str) -> list[tuple[Digest, float]]:
@@ -386,20 +387,13 @@ class Store:
 
     def iter_blobs(self) -> Iterator[tuple[Digest, int, float]]:
         """Every blob file: digest, size, mtime (files that do not parse are skipped)."""
-        for algorithm in self.backend.names(self.layout.blobs):
-            for prefix in self.backend.names(self.layout.blobs / algorithm):
-                folder = self.layout.blobs / algorithm / prefix
-                try:
-                    entries = list(os.scandir(folder))
-                except OSError:
-                    continue
-                for entry in entries:
-                    try:
-                        digest = Digest.parse(f"{algorithm}:{entry.name}")
-                        st = entry.stat()
-                    except (DigestInvalid, OSError):
-                        continue
-                    yield digest, st.st_size, st.st_mtime
+        for entry in self.backend.files(self.layout.blobs):
+            algorithm, _, rest = entry.name.partition("/")
+            try:
+                digest = Digest.parse(f"{algorithm}:{rest.rpartition('/')[2]}")
+            except DigestInvalid:
+                continue
+            yield digest, entry.size, entry.mtime
 
     def referrers(self, name: str, subject: Digest, artifact_type: str | None = None) -> list[dict]:
         """Descriptors of manifests in `name` whose subject is `subject`."""

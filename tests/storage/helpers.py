@@ -110,7 +110,7 @@ class NoSyncBackend(FsBackend):
         tmp.write_bytes(data)
         os.replace(tmp, path)
 
-    def move_into(self, src: Path, dst: Path, tmp_dir: Path) -> None:
+    def move_into(self, src: Path, dst: Path) -> None:
         dst.parent.mkdir(parents=True, exist_ok=True)
         os.replace(src, dst)
 
