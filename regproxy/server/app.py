@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import weakref
 from collections.abc import AsyncIterator
 
@@ -135,7 +136,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     for store in (app[REGISTRY], app[PROXY_STORE]):
         # leftovers of writes a crash interrupted: never visible; young ones may belong to
         # an offline command (prefetch) writing right now
-        await offload.run(remove_older_than, store.layout.tmp, TEMP_MAX_AGE)
+        await offload.run(
+            store.backend.sweep_leftovers, store.layout.tmp, TEMP_MAX_AGE, time.time(), False
+        )
     session = ProxyCache.new_session()
     app[PROXY] = ProxyCache(config, app[PROXY_STORE], offload, session)
     tasks = [asyncio.create_task(_purge_uploads_forever(app))]
