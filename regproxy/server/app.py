@@ -31,7 +31,6 @@ from regproxy.server.keys import BODY_BUDGET, CONFIG, OFFLOAD, PROXY, PROXY_STOR
 from regproxy.server.middleware import add_api_version, errors_middleware
 from regproxy.storage import gc
 from regproxy.storage.aio import Offload
-from regproxy.storage.fs import remove_older_than
 from regproxy.storage.layout import TEMP_MAX_AGE
 from regproxy.storage.store import Store
 from regproxy.storage.uploads import Uploads
