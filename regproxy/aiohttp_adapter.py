@@ -15,6 +15,7 @@ both use it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from typing import IO, Any, cast
@@ -23,6 +24,7 @@ from aiohttp import ClientResponse, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from regproxy.sockbody import TakenBody, take_over
 
@@ -68,6 +70,24 @@ class _DeadlineHandler(RequestHandler):
             self._guard.cancel()  # else the timer keeps the handler alive until it fires
         super().connection_lost(exc)
 
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """A request aiohttp could not parse gets its 4xx with no body: aiohttp's text
+        echoes part of the request, and it cannot know whether the request was a HEAD
+        (whose answer must have no body, or the client reads garbage as the next answer).
+
+        Relies on (checked with 3.14.x): `RequestHandler.handle_error` logging, closing
+        the connection and returning a `web.Response` whose body may be replaced."""
+        response = super().handle_error(request, status, exc, message)
+        if status < 500 and isinstance(response, web.Response):
+            response.body = b""
+        return response
+
 
 class _DeadlineServer(Server):
     header_timeout: Callable[[], float]
@@ -102,7 +122,29 @@ class DeadlineRunner(web.AppRunner):
         server.__class__ = _DeadlineServer  # same state, handlers with a deadline
         guarded = cast(_DeadlineServer, server)
         guarded.header_timeout = self._header_timeout
+        guarded.request_factory = functools.partial(_plain_expect, guarded.request_factory)
         return guarded
+
+
+def _plain_expect(make_request: Callable[..., web.BaseRequest], message: Any, *args: Any) -> Any:
+    """Requests whose `Expect` is not `100-continue` are handled as if it were absent.
+
+    RFC 9110 lets a server ignore an expectation it does not know; aiohttp answers one
+    with a plain-text 417 before any middleware (so without the OCI error body), on
+    unknown paths too. `100-continue`, also in a list or another case, stays as aiohttp
+    answers it.
+
+    Relies on (checked with 3.14.x): `Server.request_factory(message, payload, protocol,
+    writer, task)` making each request from the parser's `RawRequestMessage`, a named
+    tuple whose `headers` is a `CIMultiDictProxy`."""
+    expect = message.headers.get("Expect")
+    if expect is not None and expect.strip().lower() != "100-continue":
+        headers = CIMultiDict(message.headers)
+        del headers["Expect"]
+        if "100-continue" in expect.lower():
+            headers["Expect"] = "100-continue"
+        message = message._replace(headers=CIMultiDictProxy(headers))
+    return make_request(message, *args)
 
 
 # ---- bodies read past aiohttp ------------------------------------------------------------

@@ -227,6 +227,38 @@ async def test_the_deadline_closes_only_connections_without_a_request() -> None:
             writer.close()
 
 
+async def test_the_runner_answers_malformed_requests_without_a_body() -> None:
+    app = web.Application()
+    app.router.add_get("/", lambda request: web.Response(text="hi"))  # type: ignore[arg-type,return-value]
+    runner = adapter.DeadlineRunner(
+        app, header_timeout=lambda: 5.0, handle_signals=False, shutdown_timeout=1.0
+    )
+    async with serving(app, runner) as (runner, port):
+        answer = await exchange(port, b"HEAD /?q=\xc3\xa9 HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert b" 400 " in head.split(b"\r\n")[0], fix("_DeadlineHandler.handle_error", str(head))
+        assert body == b"", fix("_DeadlineHandler.handle_error", f"a body came: {body[:80]!r}")
+        assert b"Content-Length: 0" in head
+
+
+async def test_the_runner_ignores_expectations_other_than_100_continue() -> None:
+    async def put(request: web.Request) -> web.Response:
+        return web.Response(text=f"got {len(await request.read())}")
+
+    app = web.Application()
+    app.router.add_put("/", put)
+    runner = adapter.DeadlineRunner(
+        app, header_timeout=lambda: 5.0, handle_signals=False, shutdown_timeout=1.0
+    )
+    async with serving(app, runner) as (runner, port):
+        for expect in ("fuzz", "100-CONTINUE, x"):
+            raw = f"PUT / HTTP/1.1\r\nHost: x\r\nExpect: {expect}\r\nContent-Length: 2\r\n"
+            raw += "Connection: close\r\n\r\nab"
+            answer = await exchange(port, raw.encode())
+            assert b"417" not in answer.split(b"\r\n", 1)[0], fix("_plain_expect", expect)
+            assert answer.endswith(b"got 2"), fix("_plain_expect", answer.decode()[-80:])
+
+
 # ---- take_request_body, take_response_body, body_bytes_received ----------------------------
 
 

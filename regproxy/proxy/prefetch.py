@@ -397,4 +397,3 @@ async def prefetch(
         await session.close()
         offload.close()
     return list(results)
-

@@ -77,7 +77,8 @@ def _routes(app: web.Application, authenticator: auth.Authenticator | None) -> N
             continue
         if method == "GET":
             # upload status has no HEAD form; everything else readable answers HEAD too
-            app.router.add_get(path, handler, allow_head=handler is not uploads.upload_status)
+            allow_head = handler is not uploads.upload_status
+            app.router.add_get(path, handler, allow_head=allow_head)
         else:
             app.router.add_route(method, path, handler)
         if authenticator is not None and kind != "public":

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from regproxy.access.htpasswd import Htpasswd
 from regproxy.access.policy import Policy
@@ -241,7 +242,8 @@ async def token_endpoint(request: web.Request) -> web.Response:
             if request.transport is not None:
                 request.transport.close()
             raise Unauthorized("the token request form did not arrive in time") from None
-        except (ValueError, LookupError):  # a broken multipart body, an unknown charset
+        except (ValueError, LookupError, HttpProcessingError):
+            # a broken urlencoded or multipart body (aiohttp's parser errors), a bad charset
             raise Unauthorized("malformed token request form") from None
         posted = [str(scope) for scope in form.getall("scope", [])]
         if form.get("grant_type") == "password":

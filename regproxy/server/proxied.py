@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from typing import BinaryIO
 
 from aiohttp import web
 
+from regproxy.aiohttp_adapter import send_file_range
 from regproxy.digest import Digest
 from regproxy.proxy.cache import CACHE_STATUS, HIT, MISS
 from regproxy.proxy.flights import BlobFlight, FlightFailed
@@ -62,7 +62,7 @@ async def _stream_flight(
     cache = request.app[PROXY]
     try:
         await flight.wait_ready()
-        if request.http_range.start is not None or request.http_range.stop is not None:
+        if "Range" in request.headers:
             await flight.wait_done()  # a Range is answered from the committed file
             offload = request.app[OFFLOAD]
             return await send_blob_file(request, cache.store, digest, offload, {CACHE_STATUS: MISS})
@@ -81,12 +81,9 @@ async def _stream_flight(
                 async for piece in pieces:
                     await response.write(piece)
         else:
-            loop = asyncio.get_running_loop()
             async with contextlib.aclosing(flight.spans()) as spans:
                 async for start, end in spans:
-                    if transport is None or transport.is_closing():
-                        raise ConnectionResetError("client went away")
-                    await loop.sendfile(transport, handle, start, end - start)
+                    await send_file_range(request, handle, start, end - start)
     except FlightFailed:
         # never let a failed fetch look like a complete body: cut the connection
         if transport is not None:

@@ -8,13 +8,13 @@ Conditional requests (`If-None-Match`, `If-Match`, `If-Range`) are answered agai
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 from typing import BinaryIO
 
 from aiohttp import web
 
+from regproxy.aiohttp_adapter import send_file_range
 from regproxy.digest import Digest
 from regproxy.errors import BlobUnknown, RangeNotSatisfiable
 from regproxy.storage.aio import Offload
@@ -126,10 +126,7 @@ async def send_blob_file(
         response.content_length = end - start
         await response.prepare(request)
         if request.method != "HEAD" and end > start:
-            transport = request.transport
-            if transport is None or transport.is_closing():
-                raise ConnectionResetError("client went away")
-            await asyncio.get_running_loop().sendfile(transport, handle, start, end - start)
+            await send_file_range(request, handle, start, end - start)
         await response.write_eof()
         return response
     finally:
