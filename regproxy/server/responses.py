@@ -66,12 +66,12 @@ def _precondition(request: web.Request, digest: Digest) -> int | None:
 def byte_range(request: web.Request, digest: Digest, size: int) -> tuple[int, int] | None:
     """The one `[start, end)` span a `Range` asks for, or None for the whole blob.
 
-    416 for a range that is garbled or starts past the end; a list of ranges, or an
-    `If-Range` naming another validator, gets the whole blob (RFC 9110 allows both).
+    416 for a bytes range that is garbled or starts past the end; a list of ranges, an
+    unknown range unit, or an `If-Range` naming another validator get the whole blob.
     """
     header = request.headers.get("Range")
-    if header is None or "," in header:
-        return None
+    if header is None or "," in header or not header.strip().lower().startswith("bytes="):
+        return None  # no range, a list of ranges, or a unit other than bytes (RFC 9110 14.2)
     if_range = request.headers.get("If-Range")
     if if_range is not None and if_range.strip() != f'"{digest}"':
         return None
