@@ -201,9 +201,12 @@ class ProxyCache:
 
     # ---- manifests ---------------------------------------------------------------------
 
-    def _local(self, name: str, reference: str) -> StoredManifest | None:
+    async def _local(self, name: str, reference: str) -> StoredManifest | None:
         try:
-            return self.store.get_manifest(name, reference)  # inline: small, cached
+            # small and cached: inline on disk
+            return await self.offload.metadata(
+                self.store.backend.local, self.store.get_manifest, name, reference
+            )
         except (ManifestUnknown, NameUnknown):
             return None
 
@@ -227,7 +230,7 @@ class ProxyCache:
     async def _manifest_by_digest(
         self, target: ProxyName, name: str, digest: Digest
     ) -> CachedManifest:
-        local = self._local(name, str(digest))
+        local = await self._local(name, str(digest))
         if local is not None:
             return CachedManifest(local, HIT)
         key = ("digest", name, digest)
@@ -243,8 +246,8 @@ class ProxyCache:
 
     async def _manifest_by_tag(self, target: ProxyName, name: str, tag: str) -> CachedManifest:
         ttl = self.config.proxy.upstreams[target.upstream].tag_ttl
-        age = self.store.tag_age(name, tag)  # inline: one stat
-        local = self._local(name, tag) if age is not None else None
+        age = await self.offload.metadata(self.store.backend.local, self.store.tag_age, name, tag)
+        local = await self._local(name, tag) if age is not None else None
         if local is not None and age is not None and age < ttl:
             return CachedManifest(local, HIT)
         key = ("tag", name, tag)
@@ -354,7 +357,7 @@ class ProxyCache:
         """A cached blob, or the flight that is fetching it (started if need be)."""
         self.upstream(target)
         name = cache_name(target)
-        if self.store.has_blob(digest):  # inline: one stat
+        if await self.offload.metadata(self.store.backend.local, self.store.has_blob, digest):
             self._background(self.offload.run(self.store.record_pull, name, digest))
             self.stats.status(target.upstream, HIT)
             return CachedBlob(digest, None, HIT)

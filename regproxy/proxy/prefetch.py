@@ -336,7 +336,8 @@ class Prefetcher:
 
     async def _download(self, image: ImageRef, desc: mf.Descriptor) -> int:
         """Bytes fetched from upstream; 0 when the blob was already cached."""
-        if self.cache.store.has_blob(desc.digest):
+        store = self.cache.store
+        if await self.cache.offload.metadata(store.backend.local, store.has_blob, desc.digest):
             await self.cache.blob(image.target, desc.digest)  # records the pull (LRU clock)
             return 0
         async with self._downloads:

@@ -186,7 +186,7 @@ class Authenticator:
         name = request.match_info.get("name", "")
         try:
             # the very target the handler will route by (names.resolve remembers it)
-            proxied = isinstance(resolve(request, write=kind != "pull"), ProxyName)
+            proxied = isinstance(await resolve(request, write=kind != "pull"), ProxyName)
         except RegistryError:
             # a request no route can serve: the handler answers with this same error,
             # once the caller has passed the checks its name calls for

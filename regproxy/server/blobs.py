@@ -12,20 +12,22 @@ from regproxy.server.responses import blob_head_response, send_blob_file
 
 
 async def get_blob(request: web.Request) -> web.StreamResponse:
-    target = read_target(request)
+    target = await read_target(request)
     digest = Digest.parse(request.match_info["digest"])
     if not isinstance(target, str):
         return await proxied.get_blob(request, target, digest)
     name = target
     store = request.app[REGISTRY]
-    size = store.blob_size(name, digest)  # inline: two stat calls; BlobUnknown when not visible
+    offload = request.app[OFFLOAD]
+    # two stat calls on disk; BlobUnknown when not visible
+    size = await offload.metadata(store.backend.local, store.blob_size, name, digest)
     if request.method == "HEAD":
         return blob_head_response(request, digest, size)
     return await send_blob_file(request, store, digest, request.app[OFFLOAD])
 
 
 async def delete_blob(request: web.Request) -> web.Response:
-    name = local_name_for_write(request)
+    name = await local_name_for_write(request)
     digest = Digest.parse(request.match_info["digest"])
     store = request.app[REGISTRY]
     await request.app[OFFLOAD].run(store.unlink_blob, name, digest)

@@ -50,10 +50,12 @@ def _json(body: dict, link: str | None) -> web.Response:
 
 
 async def list_tags(request: web.Request) -> web.Response:
-    target = read_target(request)
+    target = await read_target(request)
     if isinstance(target, str):
         store = request.app[REGISTRY]
-        tags = store.cached_tags(target)  # inline: one stat
+        tags = await request.app[OFFLOAD].metadata(
+            store.backend.local, store.cached_tags, target
+        )  # on disk: one stat
         if tags is None:
             tags = await request.app[OFFLOAD].run(store.tags, target)
         page, link = paginate(request, tags, None)

@@ -23,18 +23,22 @@ def _check_reference(reference: str) -> None:
 
 
 async def get_manifest(request: web.Request) -> web.Response:
-    target = read_target(request)
+    target = await read_target(request)
     reference = request.match_info["reference"]
     _check_reference(reference)
     if not isinstance(target, str):
         return await proxied.get_manifest(request, target, reference)
     name = target
-    stored = request.app[REGISTRY].get_manifest(name, reference)  # inline: small, cached
+    store = request.app[REGISTRY]
+    # small and cached: inline on disk
+    stored = await request.app[OFFLOAD].metadata(
+        store.backend.local, store.get_manifest, name, reference
+    )
     return manifest_response(stored, request.method == "HEAD")
 
 
 async def put_manifest(request: web.Request) -> web.Response:
-    name = local_name_for_write(request)
+    name = await local_name_for_write(request)
     reference = request.match_info["reference"]
     _check_reference(reference)
     async with read_capped(request, mf.MAX_MANIFEST_SIZE) as data:
@@ -73,7 +77,7 @@ async def _store_manifest(
 
 
 async def delete_manifest(request: web.Request) -> web.Response:
-    name = local_name_for_write(request)
+    name = await local_name_for_write(request)
     reference = request.match_info["reference"]
     _check_reference(reference)
     store = request.app[REGISTRY]

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from regproxy.errors import Denied, NameInvalid, NameUnknown, RegistryError
 from regproxy.reference import ProxyName, remote_name, split_proxy_name, under_prefix, validate_name
-from regproxy.server.keys import CONFIG, REGISTRY, TARGET
+from regproxy.server.keys import CONFIG, OFFLOAD, REGISTRY, TARGET
 
 #: What a request's name resolves to: a local repository name, or an upstream image.
 Target = str | ProxyName
@@ -45,7 +45,7 @@ def _resolve_write(request: web.Request) -> str:
     return validate_name(name)
 
 
-def _resolve_read(request: web.Request) -> Target:
+async def _resolve_read(request: web.Request) -> Target:
     proxy = request.app[CONFIG].proxy
     name = request.match_info["name"]
     upstreams = proxy.upstreams.keys()
@@ -61,12 +61,15 @@ def _resolve_read(request: web.Request) -> Target:
         return ProxyName(ns, remote_name(ns, name), name)
     mirror = proxy.mirror_upstream
     # only GETs: a push checks for existing blobs with HEAD, and must see local content only
-    if mirror and request.method == "GET" and not request.app[REGISTRY].repository_exists(name):
-        return ProxyName(mirror, remote_name(mirror, name), name)
+    if mirror and request.method == "GET":
+        store = request.app[REGISTRY]
+        offload = request.app[OFFLOAD]
+        if not await offload.metadata(store.backend.local, store.repository_exists, name):
+            return ProxyName(mirror, remote_name(mirror, name), name)
     return name
 
 
-def resolve(request: web.Request, write: bool) -> Target:
+async def resolve(request: web.Request, write: bool) -> Target:
     """The request's target, computed on first use and then the same for every reader.
 
     `write`: a push, delete or upload (the proxy namespace is refused, `ns` ignored).
@@ -77,7 +80,7 @@ def resolve(request: web.Request, write: bool) -> Target:
     if cached is None:
         try:
             target: Target | RegistryError = (
-                _resolve_write(request) if write else _resolve_read(request)
+                _resolve_write(request) if write else await _resolve_read(request)
             )
         except RegistryError as exc:
             target = exc
@@ -90,13 +93,13 @@ def resolve(request: web.Request, write: bool) -> Target:
     return target
 
 
-def read_target(request: web.Request) -> Target:
+async def read_target(request: web.Request) -> Target:
     """A local repository name, or the upstream image a pull is for."""
-    return resolve(request, write=False)
+    return await resolve(request, write=False)
 
 
-def local_name_for_write(request: web.Request) -> str:
+async def local_name_for_write(request: web.Request) -> str:
     """The repository a push, delete or upload goes to; refuses the proxy namespace."""
-    target = resolve(request, write=True)
+    target = await resolve(request, write=True)
     assert isinstance(target, str)
     return target

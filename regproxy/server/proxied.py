@@ -39,7 +39,9 @@ async def get_manifest(request: web.Request, target: ProxyName, reference: str) 
 
 async def get_blob(request: web.Request, target: ProxyName, digest: Digest) -> web.StreamResponse:
     cache = request.app[PROXY]
-    if request.method == "HEAD" and not cache.store.has_blob(digest):
+    offload = request.app[OFFLOAD]
+    local = cache.store.backend.local
+    if request.method == "HEAD" and not await offload.metadata(local, cache.store.has_blob, digest):
         size = await cache.blob_head(target, digest)
         return blob_head_response(request, digest, size, {CACHE_STATUS: MISS})
     cached = await cache.blob(target, digest)

@@ -14,7 +14,7 @@ from regproxy.server.names import read_target
 
 
 async def list_referrers(request: web.Request) -> web.Response:
-    target = read_target(request)
+    target = await read_target(request)
     subject = Digest.parse(request.match_info["digest"])
     artifact_type = request.query.get("artifactType") or None
     headers = {"Content-Type": OCI_INDEX}

@@ -113,7 +113,7 @@ def _owner(request: web.Request) -> str | None:
 
 
 async def start_upload(request: web.Request) -> web.Response:
-    name = local_name_for_write(request)
+    name = await local_name_for_write(request)
     store = request.app[REGISTRY]
     offload = request.app[OFFLOAD]
     mount = request.query.get("mount")
@@ -173,7 +173,7 @@ async def _finish(request: web.Request, session: UploadSession, monolithic: bool
 
 
 async def patch_upload(request: web.Request) -> web.Response:
-    name = local_name_for_write(request)
+    name = await local_name_for_write(request)
     session = request.app[UPLOADS].get(name, request.match_info["upload_id"], _owner(request))
     lock = _session_lock(request, session.id)
     if lock.locked():
@@ -189,19 +189,19 @@ async def patch_upload(request: web.Request) -> web.Response:
 
 
 async def put_upload(request: web.Request) -> web.Response:
-    name = local_name_for_write(request)
+    name = await local_name_for_write(request)
     session = request.app[UPLOADS].get(name, request.match_info["upload_id"], _owner(request))
     return await _finish(request, session, monolithic=False)
 
 
 async def upload_status(request: web.Request) -> web.Response:
-    name = local_name_for_write(request)
+    name = await local_name_for_write(request)
     session = request.app[UPLOADS].get(name, request.match_info["upload_id"], _owner(request))
     return web.Response(status=204, headers=_progress_headers(session))
 
 
 async def cancel_upload(request: web.Request) -> web.Response:
-    name = local_name_for_write(request)
+    name = await local_name_for_write(request)
     uploads = request.app[UPLOADS]
     session = uploads.get(name, request.match_info["upload_id"], _owner(request))
     await request.app[OFFLOAD].run(uploads.cancel, session)

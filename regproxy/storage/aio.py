@@ -23,9 +23,10 @@ from typing import ParamSpec, TypeVar
 P = ParamSpec("P")
 T = TypeVar("T")
 
-#: Store methods the server and the proxy may call on the event loop: small metadata reads
-#: (a stat or two, a tag file, a cached manifest) and `blob_path` (no I/O at all). Everything
-#: else goes through `Offload.run`; tests/storage/test_aio.py holds the code to this list.
+#: Store methods the server and the proxy may call on the event loop for a local store
+#: (`Offload.metadata`): small metadata reads (a stat or two, a tag file, a cached manifest)
+#: and `blob_path` (no I/O at all). Everything else goes through `Offload.run`;
+#: tests/storage/test_aio.py holds the code to this list.
 INLINE_SAFE = frozenset(
     {
         "blob_path",
@@ -49,6 +50,16 @@ class Offload:
         loop = asyncio.get_running_loop()
         call = functools.partial(fn, *args, **kwargs) if kwargs else functools.partial(fn, *args)
         return await loop.run_in_executor(self._executor, call)
+
+    async def metadata(
+        self, local: bool, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """A small metadata read of a store (one of `INLINE_SAFE`): inline on the event loop
+        when the store is `local` (a stat costs less than a thread hop), on a thread when
+        it is a network round trip away (an object store)."""
+        if local:
+            return fn(*args, **kwargs)
+        return await self.run(fn, *args, **kwargs)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=False)

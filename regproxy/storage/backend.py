@@ -81,6 +81,9 @@ class Backend(Protocol):
         """A finished local file (`src`, in temporary storage) becomes `dst`, and `src` is
         gone: a rename on disk, an upload to an object store."""
 
+    def upload(self, src: Path, dst: Path) -> bool:
+        """Create `dst` from a local file, keeping the file; False when `dst` existed."""
+
     def move(self, src: Path, dst: Path) -> None:
         """Move a file within the store (verify's quarantine)."""
 

@@ -234,6 +234,26 @@ class FsBackend:
                 path = name if relative == "." else f"{relative}/{name}"
                 yield Entry(path, st.st_size, st.st_mtime)
 
+    def upload(self, src: Path, dst: Path) -> bool:
+        """A copy staged in the store's temp folder and linked into place (put-if-absent)."""
+        makedirs_durable(dst.parent)
+        staging = self.tmp_dir or dst.parent
+        staging.mkdir(parents=True, exist_ok=True)
+        staged = temp_name(staging)
+        try:
+            with open(src, "rb") as fin, open(staged, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 1024 * 1024)
+                fout.flush()
+                os.fsync(fout.fileno())
+            os.link(staged, dst)
+        except FileExistsError:
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(staged)
+        fsync_dir(dst.parent)
+        return True
+
     def move(self, src: Path, dst: Path) -> None:
         makedirs_durable(dst.parent)
         os.replace(src, dst)

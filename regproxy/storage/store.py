@@ -9,6 +9,7 @@ cached manifest) inline.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -123,9 +124,12 @@ class Store:
         touched, which restarts its gc grace period.
         """
         target = self.layout.blob(digest)
+        if not self.backend.local:
+            self._commit_remote(name, src, digest)
+            return
         with self.shared_lock():
             if self.backend.exists(target):
-                self.backend.remove(src)
+                os.unlink(src)
                 self.backend.touch(target)
             else:
                 self.backend.move_into(src, target)
@@ -133,6 +137,21 @@ class Store:
                 # period at the commit, as for a re-push of an existing blob
                 self.backend.touch(target)
             self.backend.ensure(self.layout.layer(name, digest))
+
+    def _commit_remote(self, name: str, src: Path, digest: Digest) -> None:
+        """`commit_blob` on an object store: the upload (seconds for a large blob) runs
+        outside the store lock, which commits hold for milliseconds; under the lock the
+        blob is checked again, since a gc sweep may have taken it in between, and
+        uploaded once more from the local file if so. Only then is it linked."""
+        target = self.layout.blob(digest)
+        if not self.backend.exists(target):
+            self.backend.upload(src, target)
+        with self.shared_lock():
+            if not self.backend.exists(target):
+                self.backend.upload(src, target)
+            self.backend.touch(target)
+            self.backend.ensure(self.layout.layer(name, digest))
+        os.unlink(src)
 
     def mount_blob(self, name: str, digest: Digest, source: str) -> bool:
         """Link a blob from `source` into `name`; False when `source` does not have it."""

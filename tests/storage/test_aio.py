@@ -64,6 +64,17 @@ def inline_store_calls(path: Path) -> Iterator[tuple[str, int, str]]:
                 and _looks_like_a_store(child.func.value)
             ):
                 yield child.func.attr, child.lineno, ast.unparse(child.func)
+            # `offload.metadata(local, store.method, …)` runs the method inline on disk
+            if (
+                isinstance(child, ast.Call)
+                and isinstance(child.func, ast.Attribute)
+                and child.func.attr == "metadata"
+                and len(child.args) >= 2
+                and isinstance(child.args[1], ast.Attribute)
+                and child.args[1].attr in STORE_METHODS
+                and _looks_like_a_store(child.args[1].value)
+            ):
+                yield child.args[1].attr, child.lineno, ast.unparse(child.args[1])
             yield from visit(child, function)
 
     yield from visit(tree, None)
@@ -101,7 +112,9 @@ def test_the_scan_sees_inline_and_offloaded_calls(tmp_path: Path) -> None:
         "    store.put_manifest('a', b'', None, None)\n"
         "    await request.app[OFFLOAD].run(store.delete_tag, 'a', 'b')\n"
         "    await offload.run(_forget, store)\n"
+        "    await offload.metadata(store.backend.local, store.has_blob, 'd')\n"
         "def _forget(store):\n"
         "    store.delete_tag('a', 'b')\n"
     )
-    assert [call for _, _, call in inline_store_calls(sample)] == ["store.put_manifest"]
+    calls = [call for _, _, call in inline_store_calls(sample)]
+    assert calls == ["store.put_manifest", "store.has_blob"]

@@ -1,0 +1,525 @@
+"""`S3Backend`: a store on any S3-compatible object store (a bucket and a key prefix).
+
+The same invariants as on disk, without rename, flock or a local filesystem:
+- content is written whole or not at all: a PUT is atomic, a multipart upload is
+  invisible until it is completed;
+- blobs and manifests are created once, with `If-None-Match: *` (`create`, and the
+  completion of `move_into`'s multipart upload); a second writer of the same digest
+  finds them there;
+- a clock an object store cannot set (`touch`) is kept in a marker object beside it:
+  small files (tags, links) are rewritten with compare-and-swap instead, large ones
+  (blobs) get an empty `_touched/<key>` object whose time counts as theirs;
+- the store lock is a lease protocol on two kinds of objects under `<lock>.d/`
+  (see `LeaseLock`), safe across processes and hosts with nothing else to run.
+
+Every method is blocking (one or a few S3 requests): the server calls them through
+the storage thread pool (`local` is False), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import threading
+import time
+import uuid
+from collections.abc import Hashable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
+
+from regproxy.storage.backend import Entry
+
+#: files up to this size are uploaded with one PUT; larger ones in parts
+SINGLE_PUT_MAX = 64 * 1024 * 1024
+#: multipart part size (S3's minimum is 5 MiB); grown for blobs that would need more
+#: than `MAX_PARTS` parts
+PART_SIZE = 16 * 1024 * 1024
+MAX_PARTS = 9_000
+#: parts of one upload sent at once
+PART_THREADS = 4
+#: files this small are touched by rewriting them (compare-and-swap), larger by a marker
+SMALL_FILE = 64 * 1024
+#: where touch markers of large files live, under the store's prefix
+TOUCHED = "_touched"
+#: the lease of gc's exclusive phase, renewed while held; taken over once expired
+LEASE_SECONDS = 120.0
+#: a shared holder's marker older than this belongs to a process that died mid-commit
+SHARED_STALE = 60.0
+#: how long a lock is waited for before giving up
+LOCK_WAIT = 120.0
+_CONDITION_FAILED = {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
+_MISSING = {"NoSuchKey", "404", "NotFound"}
+
+
+def _code(exc: Exception) -> str:
+    response = getattr(exc, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
+
+
+def _status(exc: Exception) -> int:
+    response = getattr(exc, "response", None) or {}
+    return int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+
+
+def _client_error() -> type[Exception]:
+    from botocore.exceptions import ClientError  # a store on S3 has loaded botocore
+
+    return ClientError
+
+
+class S3Backend:
+    """Implements `Backend` for the keys `<prefix>/<path relative to root>` in `bucket`."""
+
+    local = False
+
+    def __init__(
+        self,
+        client: Any,
+        bucket: str,
+        prefix: str,
+        root: Path,
+        presigner: Any | None = None,
+    ) -> None:
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix
+        self.root = PurePosixPath(root)
+        self.presigner = presigner or client
+        self.client_error = _client_error()
+
+    # ---- names --------------------------------------------------------------------------
+
+    def key(self, path: Path | PurePosixPath) -> str:
+        relative = PurePosixPath(path).relative_to(self.root).as_posix()
+        if relative == ".":
+            return self.prefix
+        return f"{self.prefix}/{relative}" if self.prefix else relative
+
+    def _folder_key(self, path: Path | PurePosixPath) -> str:
+        key = self.key(path)
+        return f"{key}/" if key else ""
+
+    def _touch_key(self, key: str) -> str:
+        relative = key[len(self.prefix) + 1 :] if self.prefix else key
+        return self._join(TOUCHED, relative)
+
+    def _join(self, *parts: str) -> str:
+        return "/".join([self.prefix, *parts] if self.prefix else list(parts))
+
+    # ---- whole objects ------------------------------------------------------------------
+
+    def _head(self, key: str) -> dict[str, Any] | None:
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=key)
+        except self.client_error as exc:
+            if _code(exc) in _MISSING or _status(exc) == 404:
+                return None
+            raise
+
+    def prepare(self, folders: list[Path]) -> None:
+        """Nothing to create: an object store has no folders."""
+
+    def read(self, path: Path) -> bytes | None:
+        try:
+            answer = self.client.get_object(Bucket=self.bucket, Key=self.key(path))
+        except self.client_error as exc:
+            if _code(exc) in _MISSING or _status(exc) == 404:
+                return None
+            raise
+        with contextlib.closing(answer["Body"]) as body:
+            return body.read()
+
+    def _put(self, key: str, data: bytes, **conditions: str) -> dict[str, Any]:
+        return self.client.put_object(
+            Bucket=self.bucket,
+            Key=key,
+            Body=data,
+            ContentType="application/octet-stream",
+            **conditions,
+        )
+
+    def write_atomic(self, path: Path, data: bytes) -> None:
+        self._put(self.key(path), data)
+
+    def create(self, path: Path, data: bytes) -> bool:
+        try:
+            self._put(self.key(path), data, IfNoneMatch="*")
+        except self.client_error as exc:
+            if _code(exc) in _CONDITION_FAILED or _status(exc) in (409, 412):
+                return False
+            raise
+        return True
+
+    def ensure(self, path: Path) -> None:
+        self.create(path, b"")
+
+    def exists(self, path: Path) -> bool:
+        return self._head(self.key(path)) is not None
+
+    def size(self, path: Path) -> int | None:
+        head = self._head(self.key(path))
+        return None if head is None else int(head["ContentLength"])
+
+    def version(self, path: Path) -> Hashable | None:
+        """The object's ETag; None for a folder (an object store cannot tell when the keys
+        below a prefix changed, so listings are not cached by it)."""
+        head = self._head(self.key(path))
+        return None if head is None else str(head["ETag"])
+
+    def mtime(self, path: Path) -> float | None:
+        key = self.key(path)
+        head = self._head(key)
+        if head is None:
+            return None
+        when = head["LastModified"].timestamp()
+        if int(head["ContentLength"]) > SMALL_FILE:
+            marker = self._head(self._touch_key(key))
+            if marker is not None:
+                when = max(when, marker["LastModified"].timestamp())
+        return when
+
+    def remove(self, path: Path) -> bool:
+        key = self.key(path)
+        head = self._head(key)
+        if head is None:
+            return False
+        self.client.delete_object(Bucket=self.bucket, Key=key)
+        if int(head["ContentLength"]) > SMALL_FILE:
+            self.client.delete_object(Bucket=self.bucket, Key=self._touch_key(key))
+        return True
+
+    def touch(self, path: Path) -> None:
+        key = self.key(path)
+        head = self._head(key)
+        if head is None:
+            return
+        if int(head["ContentLength"]) > SMALL_FILE:
+            self._put(self._touch_key(key), b"")
+            return
+        try:  # rewrite the same bytes, unless somebody replaced them meanwhile (theirs is newer)
+            answer = self.client.get_object(Bucket=self.bucket, Key=key, IfMatch=head["ETag"])
+            with contextlib.closing(answer["Body"]) as body:
+                data = body.read()
+            self._put(key, data, IfMatch=head["ETag"])
+        except self.client_error as exc:
+            if _code(exc) in _CONDITION_FAILED | _MISSING or _status(exc) in (404, 409, 412):
+                return
+            raise
+
+    # ---- listings -----------------------------------------------------------------------
+
+    def _pages(self, prefix: str, delimiter: str | None = None) -> Iterator[dict[str, Any]]:
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        if delimiter:
+            kwargs["Delimiter"] = delimiter
+        while True:
+            page = self.client.list_objects_v2(**kwargs)
+            yield page
+            if not page.get("IsTruncated"):
+                return
+            kwargs["ContinuationToken"] = page["NextContinuationToken"]
+
+    def names(self, folder: Path) -> list[str]:
+        prefix = self._folder_key(folder)
+        found: list[str] = []
+        for page in self._pages(prefix, "/"):
+            for common in page.get("CommonPrefixes", []):
+                found.append(common["Prefix"][len(prefix) :].rstrip("/"))
+            for item in page.get("Contents", []):
+                found.append(item["Key"][len(prefix) :])
+        return [name for name in found if name and not name.startswith(".")]
+
+    def files(self, folder: Path) -> Iterator[Entry]:
+        prefix = self._folder_key(folder)
+        touched: dict[str, float] = {}
+        for page in self._pages(self._touch_key(prefix.rstrip("/")) + "/"):
+            start = len(self._touch_key(prefix.rstrip("/"))) + 1
+            for item in page.get("Contents", []):
+                touched[item["Key"][start:]] = item["LastModified"].timestamp()
+        for page in self._pages(prefix):
+            for item in page.get("Contents", []):
+                name = item["Key"][len(prefix) :]
+                if not name or any(part.startswith(".") for part in name.split("/")):
+                    continue
+                when = item["LastModified"].timestamp()
+                yield Entry(name, int(item["Size"]), max(when, touched.get(name, when)))
+
+    # ---- large files --------------------------------------------------------------------
+
+    def move_into(self, src: Path, dst: Path) -> None:
+        """Upload a finished local file to `dst` (once: an existing `dst` is the same
+        content, as callers only move content-addressed files), then delete `src`."""
+        self.upload(src, dst)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(src)
+
+    def upload(self, src: Path, dst: Path) -> bool:
+        """Create `dst` from a local file without deleting it; False when it existed."""
+        key = self.key(dst)
+        size = os.stat(src).st_size
+        if size <= SINGLE_PUT_MAX:
+            with open(src, "rb") as handle:
+                try:
+                    self.client.put_object(
+                        Bucket=self.bucket,
+                        Key=key,
+                        Body=handle,
+                        ContentLength=size,
+                        ContentType="application/octet-stream",
+                        IfNoneMatch="*",
+                    )
+                except self.client_error as exc:
+                    if _code(exc) in _CONDITION_FAILED or _status(exc) in (409, 412):
+                        return False
+                    raise
+            return True
+        return self._multipart(src, key, size)
+
+    def _multipart(self, src: Path, key: str, size: int) -> bool:
+        part = max(PART_SIZE, math.ceil(size / MAX_PARTS))
+        upload = self.client.create_multipart_upload(
+            Bucket=self.bucket, Key=key, ContentType="application/octet-stream"
+        )["UploadId"]
+        try:
+
+            def send(number: int) -> dict[str, Any]:
+                start = (number - 1) * part
+                count = min(part, size - start)
+                with open(src, "rb") as handle:
+                    handle.seek(start)
+                    data = handle.read(count)
+                answer = self.client.upload_part(
+                    Bucket=self.bucket, Key=key, UploadId=upload, PartNumber=number, Body=data
+                )
+                return {"PartNumber": number, "ETag": answer["ETag"]}
+
+            numbers = range(1, math.ceil(size / part) + 1)
+            with ThreadPoolExecutor(PART_THREADS, thread_name_prefix="regproxy-s3part") as pool:
+                parts = list(pool.map(send, numbers))
+            try:
+                self.client.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload,
+                    MultipartUpload={"Parts": parts},
+                    IfNoneMatch="*",
+                )
+            except self.client_error as exc:
+                if _code(exc) in _CONDITION_FAILED or _status(exc) in (409, 412):
+                    self._abort(key, upload)  # refused uploads stay open until aborted
+                    return False
+                raise
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._abort(key, upload)
+            raise
+        return True
+
+    def _abort(self, key: str, upload: str) -> None:
+        self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload)
+
+    def move(self, src: Path, dst: Path) -> None:
+        source = self.key(src)
+        self.client.copy_object(
+            Bucket=self.bucket,
+            Key=self.key(dst),
+            CopySource={"Bucket": self.bucket, "Key": source},
+            ContentType="application/octet-stream",
+            MetadataDirective="REPLACE",
+        )
+        self.client.delete_object(Bucket=self.bucket, Key=source)
+
+    def open_read(self, path: Path, start: int = 0, end: int | None = None) -> BinaryIO:
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key(path)}
+        if start or end is not None:
+            last = "" if end is None else str(end - 1)
+            kwargs["Range"] = f"bytes={start}-{last}"
+        try:
+            return self.client.get_object(**kwargs)["Body"]
+        except self.client_error as exc:
+            if _code(exc) in _MISSING or _status(exc) == 404:
+                raise FileNotFoundError(str(path)) from None
+            raise
+
+    def local_path(self, path: Path) -> Path | None:
+        return None
+
+    def presign(self, path: Path, seconds: int) -> str | None:
+        return self.presigner.generate_presigned_url(
+            "get_object",
+            Params={
+                "Bucket": self.bucket,
+                "Key": self.key(path),
+                "ResponseContentType": "application/octet-stream",
+            },
+            ExpiresIn=seconds,
+        )
+
+    def prune(self, folder: Path, stop: Path) -> None:
+        """Nothing to prune: an object store has no empty folders."""
+
+    def sweep_leftovers(self, tmp: Path, age: float, now: float, dry_run: bool) -> int:
+        """Abort multipart uploads under the prefix started more than `age` seconds
+        before `now` (a process killed mid-upload), and drop stale lock markers."""
+        removed = 0
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self._folder_key(self.root)}
+        while True:
+            page = self.client.list_multipart_uploads(**kwargs)
+            for upload in page.get("Uploads", []):
+                if now - upload["Initiated"].timestamp() > age:
+                    removed += 1
+                    if not dry_run:
+                        with contextlib.suppress(Exception):
+                            self._abort(upload["Key"], upload["UploadId"])
+            if not page.get("IsTruncated"):
+                break
+            # SeaweedFS pages by upload id alone (and gives no NextKeyMarker)
+            kwargs["UploadIdMarker"] = page.get("NextUploadIdMarker")
+            if page.get("NextKeyMarker"):
+                kwargs["KeyMarker"] = page["NextKeyMarker"]
+        return removed
+
+    # ---- the store lock -----------------------------------------------------------------
+
+    def shared_lock(self, path: Path) -> contextlib.AbstractContextManager[None]:
+        return LeaseLock(self, self.key(path)).shared()
+
+    def exclusive_lock(self, path: Path) -> contextlib.AbstractContextManager[None]:
+        return LeaseLock(self, self.key(path)).exclusive()
+
+
+class LeaseLock:
+    """The store lock on an object store: commits share it, gc's sweep holds it alone.
+
+    A shared holder writes `<lock>.d/shared/<id>`, then checks for `<lock>.d/exclusive`;
+    the exclusive holder creates `<lock>.d/exclusive` (put-if-absent, with its owner and
+    expiry), then waits until no live shared marker is listed. S3 is strongly
+    consistent (a read or list sees every write acknowledged before it), so of a commit
+    and a sweep starting together at least one sees the other: the commit steps back
+    (and retries after the sweep) or the sweep waits for the commit. Markers and leases
+    of processes that died expire (`SHARED_STALE`, `LEASE_SECONDS`); a live exclusive
+    holder renews its lease while it works.
+    """
+
+    def __init__(self, backend: S3Backend, key: str) -> None:
+        self.backend = backend
+        self.client = backend.client
+        self.bucket = backend.bucket
+        self.folder = f"{key}.d"
+        self.exclusive_key = f"{self.folder}/exclusive"
+
+    def _exclusive_alive(self) -> bool:
+        raw = self._read(self.exclusive_key)
+        if raw is None:
+            return False
+        try:
+            return float(json.loads(raw[0])["expires"]) > time.time()
+        except (ValueError, KeyError, TypeError):
+            return True  # a lease we cannot read is honoured until it is replaced
+
+    def _read(self, key: str) -> tuple[bytes, str] | None:
+        try:
+            answer = self.client.get_object(Bucket=self.bucket, Key=key)
+        except self.backend.client_error as exc:
+            if _code(exc) in _MISSING or _status(exc) == 404:
+                return None
+            raise
+        with contextlib.closing(answer["Body"]) as body:
+            return body.read(), str(answer["ETag"])
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        marker = f"{self.folder}/shared/{uuid.uuid4().hex}"
+        deadline = time.monotonic() + LOCK_WAIT
+        pause = 0.05
+        while True:
+            self.client.put_object(Bucket=self.bucket, Key=marker, Body=b"")
+            if not self._exclusive_alive():
+                break
+            self.client.delete_object(Bucket=self.bucket, Key=marker)
+            if time.monotonic() > deadline:
+                raise TimeoutError("the store is being garbage-collected; try again later")
+            time.sleep(pause * (1 + random.random()))
+            pause = min(pause * 2, 1.0)
+        try:
+            yield
+        finally:
+            self.client.delete_object(Bucket=self.bucket, Key=marker)
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        owner = uuid.uuid4().hex
+        etag = self._take(owner)
+        stop = threading.Event()
+        renewer = threading.Thread(
+            target=self._renew, args=(owner, etag, stop), name="regproxy-lease", daemon=True
+        )
+        renewer.start()
+        try:
+            self._wait_for_shared_holders()
+            yield
+        finally:
+            stop.set()
+            renewer.join()
+            with contextlib.suppress(Exception):
+                self.client.delete_object(Bucket=self.bucket, Key=self.exclusive_key)
+
+    def _lease(self, owner: str) -> bytes:
+        return json.dumps({"owner": owner, "expires": time.time() + LEASE_SECONDS}).encode()
+
+    def _take(self, owner: str) -> list[str]:
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            try:
+                answer = self.client.put_object(
+                    Bucket=self.bucket, Key=self.exclusive_key, Body=self._lease(owner),
+                    IfNoneMatch="*",
+                )  # fmt: skip
+                return [str(answer["ETag"])]
+            except self.backend.client_error as exc:
+                if not (_code(exc) in _CONDITION_FAILED or _status(exc) in (409, 412)):
+                    raise
+            current = self._read(self.exclusive_key)
+            if current is not None and not self._exclusive_alive():
+                try:  # an expired lease is taken over, by exactly one contender
+                    answer = self.client.put_object(
+                        Bucket=self.bucket, Key=self.exclusive_key, Body=self._lease(owner),
+                        IfMatch=current[1],
+                    )  # fmt: skip
+                    return [str(answer["ETag"])]
+                except self.backend.client_error as exc:
+                    if not (_code(exc) in _CONDITION_FAILED or _status(exc) in (409, 412)):
+                        raise
+            if time.monotonic() > deadline:
+                raise TimeoutError("another gc holds the store lock")
+            time.sleep(0.5)
+
+    def _renew(self, owner: str, etag: list[str], stop: threading.Event) -> None:
+        while not stop.wait(LEASE_SECONDS / 4):
+            with contextlib.suppress(Exception):
+                answer = self.client.put_object(
+                    Bucket=self.bucket, Key=self.exclusive_key, Body=self._lease(owner),
+                    IfMatch=etag[0],
+                )  # fmt: skip
+                etag[0] = str(answer["ETag"])
+
+    def _wait_for_shared_holders(self) -> None:
+        deadline = time.monotonic() + LOCK_WAIT
+        prefix = f"{self.folder}/shared/"
+        while True:
+            now = time.time()
+            live = [
+                item
+                for page in self.backend._pages(prefix)
+                for item in page.get("Contents", [])
+                if now - item["LastModified"].timestamp() < SHARED_STALE
+            ]
+            if not live:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError("commits kept the store lock shared too long")
+            time.sleep(0.02)
