@@ -26,8 +26,15 @@ def fail(message: str, code: int = EXIT_USAGE) -> None:
 
 
 def load_config(path: Path | None) -> config_mod.Config:
+    """The configuration, with every store on S3 probed (reachable, bucket there,
+    credentials good, conditional writes honoured): one line and exit 2 otherwise."""
     try:
-        return config_mod.load(path)
+        config = config_mod.load(path)
+        if config.uses_s3:
+            from regproxy.storage.stores import probe_stores
+
+            probe_stores([config.registry_storage, config.proxy_storage], config.s3)
+        return config
     except ConfigError as exc:
         fail(f"configuration error: {exc}")
         raise  # unreachable

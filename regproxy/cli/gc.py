@@ -31,7 +31,7 @@ from regproxy import config as config_mod
 from regproxy.cli import config_option, fail, load_config
 from regproxy.cli.render import (
     add_row,
-    check_writable,
+    check_writable_store,
     cli_errors,
     console,
     emit_json,
@@ -163,15 +163,14 @@ def _collect(
             config.proxy_storage,
             config.temporary_registry_storage,
         ):
-            if root.exists():
-                check_writable(root)
+            check_writable_store(root)
     with cli_errors():
-        registry = open_store(config.registry_storage, create=False)
+        registry = open_store(config.registry_storage, config.s3, create=False)
         if registry is not None:
             done.reports.append(
                 gc_mod.collect(registry, grace_s, delete_untagged, dry_run, label="registry")
             )
-        proxy = open_store(config.proxy_storage, create=False)
+        proxy = open_store(config.proxy_storage, config.s3, create=False)
         if proxy is not None:
             done.reports.append(
                 gc_mod.collect(

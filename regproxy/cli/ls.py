@@ -103,7 +103,7 @@ def ls(
     if not only_local:
         stores.append((PROXY, config.proxy_storage))
     with cli_errors():
-        opened = [(kind, open_store(root, create=False)) for kind, root in stores]
+        opened = [(kind, open_store(root, config.s3, create=False)) for kind, root in stores]
         found = inventory(
             [(kind, store) for kind, store in opened if store is not None],
             name_prefix,

@@ -31,13 +31,13 @@ from regproxy.cli.render import (
     add_row,
     byte_progress,
     check_writable,
-    cli_errors,
     console,
     describe_os_error,
     emit_json,
     human_seconds,
     human_size,
     json_option,
+    open_store,
     short_digest,
     table,
 )
@@ -109,12 +109,11 @@ def prefetch(
         for line in bad[:-1]:
             click.echo(f"regproxy: {line}", err=True)
         fail(bad[-1])
-    for folder in (config.proxy_storage, config.temporary_registry_storage):
-        check_writable(folder)
-    from regproxy.storage.store import Store
-
-    with cli_errors():
-        store = Store(config.proxy_storage)
+    check_writable(config.temporary_registry_storage)
+    if isinstance(config.proxy_storage, Path):
+        check_writable(config.proxy_storage)
+    store = open_store(config.proxy_storage, config.s3, create=True)
+    assert store is not None
     out = console()
     options = pf.Options(wanted, all_platforms, jobs)
     started = time.monotonic()

@@ -37,6 +37,7 @@ from rich.table import Table
 from rich.text import Text
 
 from regproxy.cli import EXIT_USAGE, fail
+from regproxy.config import S3Config, StorageLocation
 from regproxy.storage.store import Store
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
@@ -158,6 +159,10 @@ def cli_errors() -> Iterator[None]:
         yield
     except OSError as exc:
         fail(describe_os_error(exc), EXIT_USAGE)
+    except Exception as exc:
+        if not type(exc).__module__.startswith(("botocore", "boto3", "urllib3")):
+            raise
+        fail(f"S3 request failed: {exc}", EXIT_USAGE)
 
 
 def check_readable(folder: Path) -> None:
@@ -184,10 +189,20 @@ def check_writable(folder: Path) -> None:
         fail(f"cannot write to {folder}: {describe_os_error(exc, with_path=False)}", EXIT_USAGE)
 
 
-def open_store(root: Path, create: bool) -> Store | None:
-    """The store at `root`; a read-only command gets None for a store not created yet."""
-    if not create and not root.exists():
-        return None
-    check_readable(root)
+def open_store(location: StorageLocation, settings: S3Config, create: bool) -> Store | None:
+    """The store at `location`; a read-only command gets None for a folder not created
+    yet (a store on S3 always opens: its probe ran when the command started)."""
+    from regproxy.storage import stores
+
+    if isinstance(location, Path):
+        if not create and not location.exists():
+            return None
+        check_readable(location)
     with cli_errors():
-        return Store(root)
+        return stores.open_store(location, settings)
+
+
+def check_writable_store(location: StorageLocation) -> None:
+    """`check_writable` for a store folder that exists (an S3 store was probed)."""
+    if isinstance(location, Path) and location.exists():
+        check_writable(location)

@@ -25,7 +25,7 @@ from rich.text import Text
 from regproxy.cli import EXIT_PROBLEMS, config_option, load_config
 from regproxy.cli.render import (
     byte_progress,
-    check_writable,
+    check_writable_store,
     cli_errors,
     console,
     emit_json,
@@ -78,9 +78,9 @@ def verify(config_path: Path | None, repair: bool, jobs: int | None, as_json: bo
             ("registry", config.registry_storage, False),
             ("proxy", config.proxy_storage, True),
         ):
-            if repair and root.exists():
-                check_writable(root)
-            store = open_store(root, create=False)
+            if repair:
+                check_writable_store(root)
+            store = open_store(root, config.s3, create=False)
             if store is not None:
                 targets.append(verify_mod.Target(label, store, cached))
         out = console()

@@ -32,7 +32,7 @@ from regproxy.server.middleware import add_api_version, errors_middleware
 from regproxy.storage import gc
 from regproxy.storage.aio import Offload
 from regproxy.storage.layout import TEMP_MAX_AGE
-from regproxy.storage.store import Store
+from regproxy.storage.stores import open_store
 from regproxy.storage.uploads import Uploads
 
 log = logging.getLogger("regproxy.server")
@@ -128,8 +128,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     offload = Offload()
     app[OFFLOAD] = offload
-    app[REGISTRY] = await offload.run(Store, config.registry_storage)
-    app[PROXY_STORE] = await offload.run(Store, config.proxy_storage)
+    app[REGISTRY] = await offload.run(open_store, config.registry_storage, config.s3)
+    app[PROXY_STORE] = await offload.run(open_store, config.proxy_storage, config.s3)
     app[UPLOADS] = await offload.run(
         Uploads, config.temporary_registry_storage, config.server.direct_writes
     )

@@ -6,7 +6,7 @@ from aiohttp import web
 
 from regproxy.digest import Digest
 from regproxy.server import proxied
-from regproxy.server.keys import OFFLOAD, REGISTRY
+from regproxy.server.keys import CONFIG, OFFLOAD, REGISTRY
 from regproxy.server.names import local_name_for_write, read_target
 from regproxy.server.responses import blob_head_response, send_blob_file
 
@@ -23,7 +23,8 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     size = await offload.metadata(store.backend.local, store.blob_size, name, digest)
     if request.method == "HEAD":
         return blob_head_response(request, digest, size)
-    return await send_blob_file(request, store, digest, request.app[OFFLOAD])
+    redirect = request.app[CONFIG].s3.redirect
+    return await send_blob_file(request, store, digest, offload, redirect=redirect)
 
 
 async def delete_blob(request: web.Request) -> web.Response:

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from aiohttp import web
 from regproxy.proxy.upstream import Upstream
 from regproxy.server.keys import CONFIG, OFFLOAD, PROXY, PROXY_STORE, REGISTRY
 from regproxy.storage.layout import temp_name
+from regproxy.storage.store import Store
 
 HEALTHZ_PATH = "/healthz"
 READYZ_PATH = "/readyz"
@@ -78,11 +80,32 @@ def check_folder(folder: Path, writable: tuple[Path, ...], min_free: int) -> dic
     return result
 
 
+def check_object_store(store: Store) -> dict[str, Any]:
+    """Whether a store on an object store takes writes: a probe object created and
+    removed through the backend (blocking: run it offloaded)."""
+    backend = store.backend
+    where = getattr(backend, "bucket", "")
+    result: dict[str, Any] = {"path": f"s3://{where}/{getattr(backend, 'prefix', '')}"}
+    probe = store.layout.root / "_probe" / f"readyz-{uuid.uuid4().hex}"
+    try:
+        backend.create(probe, b"ready\n")
+        backend.remove(probe)
+    except Exception as exc:  # any failure of the store's client means not ready
+        result.update(ok=False, error=f"object store unreachable or refusing writes: {exc}")
+        return result
+    result["ok"] = True
+    return result
+
+
 def check_storage(app: web.Application) -> dict[str, dict[str, Any]]:
     min_free = app[CONFIG].health.min_free_space
     checks = {}
     for label, key in (("registry", REGISTRY), ("proxy", PROXY_STORE)):
-        layout = app[key].layout
+        store = app[key]
+        if not store.backend.local:
+            checks[label] = check_object_store(store)
+            continue
+        layout = store.layout
         checks[label] = check_folder(
             layout.tmp, (layout.root, layout.blobs, layout.repositories), min_free
         )

@@ -12,7 +12,7 @@ from regproxy.digest import Digest
 from regproxy.proxy.cache import CACHE_STATUS, HIT, MISS
 from regproxy.proxy.flights import BlobFlight, FlightFailed
 from regproxy.reference import ProxyName
-from regproxy.server.keys import OFFLOAD, PROXY
+from regproxy.server.keys import CONFIG, OFFLOAD, PROXY
 from regproxy.server.responses import (
     blob_head_response,
     blob_headers,
@@ -48,7 +48,9 @@ async def get_blob(request: web.Request, target: ProxyName, digest: Digest) -> w
     flight = cached.flight
     if flight is None:
         offload = request.app[OFFLOAD]
-        return await send_blob_file(request, cache.store, digest, offload, {CACHE_STATUS: HIT})
+        redirect = request.app[CONFIG].s3.redirect
+        extra = {CACHE_STATUS: HIT}
+        return await send_blob_file(request, cache.store, digest, offload, extra, redirect)
     what = f"blob {digest}"
     handle = flight.attach()  # before any await: the flight keeps its spool for us
     try:
@@ -67,7 +69,9 @@ async def _stream_flight(
         if "Range" in request.headers:
             await flight.wait_done()  # a Range is answered from the committed file
             offload = request.app[OFFLOAD]
-            return await send_blob_file(request, cache.store, digest, offload, {CACHE_STATUS: MISS})
+            extra = {CACHE_STATUS: MISS}
+            redirect = request.app[CONFIG].s3.redirect
+            return await send_blob_file(request, cache.store, digest, offload, extra, redirect)
     except FlightFailed as exc:
         raise cache.flight_error(exc, what) from None
     response = web.StreamResponse(headers=blob_headers(digest, None, {CACHE_STATUS: MISS}))

@@ -8,6 +8,8 @@ Conditional requests (`If-None-Match`, `If-Match`, `If-Range`) are answered agai
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import re
 from typing import BinaryIO
@@ -95,9 +97,30 @@ def byte_range(request: web.Request, digest: Digest, size: int) -> tuple[int, in
     return start, end
 
 
+#: how long a presigned blob URL stays valid (`[s3] redirect`): long enough to start the
+#: download, short enough that a leaked URL is soon worthless
+REDIRECT_SECONDS = 300
+#: bytes read from an object store per step while relaying a blob
+RELAY_CHUNK = 1024 * 1024
+
+
 def _open(path: os.PathLike[str] | str) -> tuple[BinaryIO, int]:
     handle = open(path, "rb")  # noqa: SIM115 (closed by send_blob_file)
     return handle, os.fstat(handle.fileno()).st_size
+
+
+def _span_headers(
+    request: web.Request, digest: Digest, size: int, extra: dict[str, str] | None
+) -> tuple[int, int, web.StreamResponse]:
+    """The byte span to send and a response with its status and headers."""
+    span = byte_range(request, digest, size)
+    start, end = span if span is not None else (0, size)
+    headers = blob_headers(digest, end - start, extra)
+    response = web.StreamResponse(status=200 if span is None else 206, headers=headers)
+    if span is not None:
+        response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    response.content_length = end - start
+    return start, end, response
 
 
 async def send_blob_file(
@@ -106,24 +129,24 @@ async def send_blob_file(
     digest: Digest,
     offload: Offload,
     extra: dict[str, str] | None = None,
+    redirect: bool = False,
 ) -> web.StreamResponse:
-    """A stored blob: conditionals, one Range, HEAD, and sendfile for the body (asyncio
-    falls back to reads and writes where the transport cannot sendfile, as with TLS)."""
+    """A stored blob: conditionals, one Range, HEAD. From local disk the body is
+    sendfile'd (asyncio falls back to reads and writes where the transport cannot, as
+    with TLS); from an object store it is relayed in a stream, or (`redirect`) the client
+    is sent to a short-lived presigned URL."""
     status = _precondition(request, digest)
     if status is not None:
         return web.Response(status=status, headers=blob_headers(digest, None, extra))
+    path = store.blob_path(digest)
+    if store.backend.local_path(path) is None:
+        return await _send_remote(request, store, digest, offload, extra, redirect)
     try:
-        handle, size = await offload.run(_open, store.blob_path(digest))
+        handle, size = await offload.run(_open, path)
     except FileNotFoundError:
         raise BlobUnknown(detail={"digest": str(digest)}) from None
     try:
-        span = byte_range(request, digest, size)
-        start, end = span if span is not None else (0, size)
-        headers = blob_headers(digest, end - start, extra)
-        response = web.StreamResponse(status=200 if span is None else 206, headers=headers)
-        if span is not None:
-            response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-        response.content_length = end - start
+        start, end, response = _span_headers(request, digest, size, extra)
         await response.prepare(request)
         if request.method != "HEAD" and end > start:
             await send_file_range(request, handle, start, end - start)
@@ -131,6 +154,57 @@ async def send_blob_file(
         return response
     finally:
         await offload.run(handle.close)
+
+
+async def _send_remote(
+    request: web.Request,
+    store: Store,
+    digest: Digest,
+    offload: Offload,
+    extra: dict[str, str] | None,
+    redirect: bool,
+) -> web.StreamResponse:
+    path = store.blob_path(digest)
+    if redirect and request.method == "GET":
+        url = await offload.run(store.backend.presign, path, REDIRECT_SECONDS)
+        if url is not None:
+            headers = {**blob_headers(digest, None, extra), "Location": url}
+            return web.Response(status=307, headers=headers)
+    size = await offload.run(store.backend.size, path)
+    if size is None:
+        raise BlobUnknown(detail={"digest": str(digest)})
+    start, end, response = _span_headers(request, digest, size, extra)
+    if request.method == "HEAD" or end <= start:
+        await response.prepare(request)
+        await response.write_eof()
+        return response
+    try:
+        stream = await offload.run(store.backend.open_read, path, start, end)
+    except FileNotFoundError:
+        raise BlobUnknown(detail={"digest": str(digest)}) from None
+    reading: asyncio.Future[bytes] | None = None
+    try:
+        await response.prepare(request)
+        left = end - start
+        # the next chunk is read from the object store while this one goes to the client
+        reading = asyncio.ensure_future(offload.run(stream.read, min(RELAY_CHUNK, left)))
+        while left > 0:
+            chunk = await reading
+            if not chunk:
+                # never let a short body look complete: the connection is cut
+                raise ConnectionResetError("the object store ended the blob early")
+            left -= len(chunk)
+            if left > 0:
+                reading = asyncio.ensure_future(offload.run(stream.read, min(RELAY_CHUNK, left)))
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+    finally:
+        if reading is not None and not reading.done():
+            # a client that left: the read in its thread finishes before the stream closes
+            with contextlib.suppress(Exception):
+                await asyncio.shield(reading)
+        await offload.run(stream.close)
 
 
 def blob_head_response(

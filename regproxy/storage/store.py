@@ -334,8 +334,8 @@ class Store:
     # ---- listings ----------------------------------------------------------------------
 
     def repository_exists(self, name: str) -> bool:
-        repo = self.layout.repo(name)
-        return any(self.backend.exists(repo / marker) for marker in REPO_MARKERS)
+        # one listing: on an object store a folder is no object a HEAD could find
+        return any(entry in REPO_MARKERS for entry in self.backend.names(self.layout.repo(name)))
 
     def cached_tags(self, name: str) -> list[str] | None:
         """The remembered tag list of `name` if its folder has not changed (one stat), else None.
