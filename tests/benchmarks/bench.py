@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script: python tests/benchmarks/bench.
 
 from tests.benchmarks.harness import FULL, QUICK, Bench, SectionSkipped
 from tests.benchmarks.report import REF, RP, Row, Target, markdown, print_table
-from tests.benchmarks.sections import SECTIONS
+from tests.benchmarks.sections import NOT_QUICK, SECTIONS
 from tests.benchmarks.servers import REPO_ROOT, python_version, tool_version
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -129,7 +129,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="SECTION",
-        help=f"run only these sections (repeat or comma-separate): {', '.join(SECTIONS)}",
+        help=f"run only these sections (repeat or comma-separate): {', '.join(SECTIONS)}; "
+        f"--quick leaves out {', '.join(sorted(NOT_QUICK))} unless named here",
     )
     parser.add_argument("--reps", type=int, help="repetitions per measurement (default 3)")
     parser.add_argument("--seconds", type=float, help="duration of each load run (default 10)")
@@ -149,7 +150,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [s for s in only if s not in SECTIONS]
     if unknown:
         parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
-    args.sections = only or list(SECTIONS)
+    args.sections = only or [s for s in SECTIONS if not (args.quick and s in NOT_QUICK)]
     return args
 
 

@@ -44,6 +44,10 @@ class Sizes:
     verify_blob: int
     gc_blobs: int
     gc_manifests: int
+    #: the S3 section (issue 13): blob pushed and pulled, and the gc store's size
+    s3_blob: int
+    s3_gc_blobs: int
+    s3_gc_manifests: int
 
     def buffer_size(self) -> int:
         return max(
@@ -52,6 +56,7 @@ class Sizes:
             self.pull,
             self.proxy_blob,
             self.verify_blob,
+            self.s3_blob,
         )
 
 
@@ -76,6 +81,9 @@ FULL = Sizes(
     verify_blob=256 * MiB,
     gc_blobs=100_000,
     gc_manifests=10_000,
+    s3_blob=256 * MiB,
+    s3_gc_blobs=10_000,
+    s3_gc_manifests=1_000,
 )
 
 QUICK = Sizes(
@@ -99,6 +107,9 @@ QUICK = Sizes(
     verify_blob=8 * MiB,
     gc_blobs=2_000,
     gc_manifests=200,
+    s3_blob=8 * MiB,
+    s3_gc_blobs=400,
+    s3_gc_manifests=40,
 )
 
 
@@ -164,11 +175,12 @@ class Bench:
         return (REF, RP) if rep % 2 == 0 else (RP, REF)
 
     @contextlib.contextmanager
-    def server(self, label: str, **kwargs: object) -> Iterator[Server]:
-        """A fresh server (empty storage), stopped and deleted afterwards."""
+    def server(self, label: str, cls: type | None = None, **kwargs: object) -> Iterator[Server]:
+        """A fresh server (empty storage unless ``cls`` keeps it elsewhere, as the S3 ones
+        do), stopped and its work folder deleted afterwards."""
         workdir = self.fresh_dir(label)
-        cls = Reference if label == REF else Regproxy
-        server: Server = cls(workdir, **kwargs)  # type: ignore[arg-type]
+        cls = cls or (Reference if label == REF else Regproxy)
+        server: Server = cls(workdir, **kwargs)
         profiler = None
         try:
             server.start()

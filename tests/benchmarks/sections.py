@@ -567,6 +567,12 @@ def gc(b: Bench) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def s3(b: Bench) -> None:
+    from .objectstore import s3 as run
+
+    run(b)
+
+
 SECTIONS: dict[str, Callable[[Bench], None]] = {
     "push": push,
     "pull": pull,
@@ -575,4 +581,8 @@ SECTIONS: dict[str, Callable[[Bench], None]] = {
     "proxy": proxy,
     "verify": verify,
     "gc": gc,
+    "s3": s3,
 }
+#: sections a ``--quick`` run leaves out unless named with ``--only``: CI's quick run
+#: must stay short, and starting SeaweedFS and four registries costs ~20 s
+NOT_QUICK = frozenset({"s3"})

@@ -9,16 +9,26 @@ measurement gets its own peak.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.processes import REPO_ROOT, ReferenceRegistry, RegproxyProcess
+from tests.support.processes import (
+    REPO_ROOT,
+    ManagedProcess,
+    ProcessError,
+    ReferenceRegistry,
+    RegproxyProcess,
+    free_port,
+    http_status,
+)
 
-__all__ = ["REPO_ROOT", "Reference", "Regproxy", "Server"]
+__all__ = ["REPO_ROOT", "Reference", "Regproxy", "S3Reference", "S3Regproxy", "S3Target", "Server"]
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -66,6 +76,114 @@ class Regproxy(RegproxyProcess):
     def pid(self) -> int:
         assert self.process is not None and self.process.pid is not None
         return self.process.pid
+
+
+@dataclass(frozen=True)
+class S3Target:
+    """Where a server's stores go on the benchmark's S3 engine (SeaweedFS on loopback)."""
+
+    endpoint: str
+    region: str
+    access_key: str
+    secret_key: str
+    bucket: str
+    #: blob GETs answer 307 to a presigned URL of the engine instead of relaying the bytes
+    redirect: bool = False
+
+
+class S3Reference(Reference):
+    """docker-registry 2.8.2 with its own S3 driver (``storage.s3``) on ``target``.
+
+    ``regionendpoint`` makes the driver use path-style URLs (``http://host:port/bucket/key``)
+    with V4 signatures; the bucket must exist (the driver never creates one). Debian's
+    in-memory blob descriptor cache and deletes stay on as in the filesystem runs.
+    ``storage.redirect.disable`` is the inverse of ``target.redirect``: with redirects on,
+    blob GETs answer 307 to a presigned URL of the engine, as regproxy's ``[s3] redirect``.
+    """
+
+    def __init__(self, workdir: Path, *, target: S3Target, rootdirectory: str = "/docker") -> None:
+        super().__init__(workdir)
+        self.target = target
+        self.extra_config["storage"] = {
+            "s3": {
+                "accesskey": target.access_key,
+                "secretkey": target.secret_key,
+                "region": target.region,
+                "regionendpoint": target.endpoint,
+                "bucket": target.bucket,
+                "rootdirectory": rootdirectory,
+                "secure": target.endpoint.startswith("https://"),
+                "v4auth": True,
+            },
+            "redirect": {"disable": not target.redirect},
+            "cache": {"blobdescriptor": "inmemory"},
+            "delete": {"enabled": True},
+            "maintenance": {"uploadpurging": {"enabled": False}},
+        }
+
+    def start(self, port: int | None = None, *, timeout: float = 30.0) -> None:
+        """As ``ReferenceRegistry.start``, with no ``AWS_*`` variable in its environment.
+
+        Its aws-sdk-go panics at start when ``AWS_CA_BUNDLE`` is set (as it is where a
+        proxy's CA is installed), and the keys come from the configuration anyway.
+        """
+        self.storage_dir.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("REGISTRY_", "AWS_"))}
+        for attempt in range(3):
+            self.port = port or free_port()
+            self._write_config(self.port)
+            self.process = ManagedProcess(
+                [self.binary, "serve", self.config_path],
+                name=self.name,
+                log_path=self.log_path,
+                env=env,
+            ).start()
+            try:
+                self.process.wait_for(
+                    lambda: http_status(f"{self.url}/v2/") == 200,
+                    timeout=timeout,
+                    what=f"GET {self.url}/v2/ == 200",
+                )
+                return
+            except ProcessError:
+                self.process.stop()
+                in_use = "address already in use" in self.process.log_text(current_run_only=True)
+                if not in_use or port is not None or attempt == 2:
+                    raise
+
+
+class S3Regproxy(Regproxy):
+    """regproxy with both stores on ``target``'s bucket (``registry`` and ``proxy``
+    prefixes), temporary storage in its local work folder, the secret key in a file."""
+
+    def __init__(self, workdir: Path, *, target: S3Target) -> None:
+        secret = workdir / "s3-secret"
+        workdir.mkdir(parents=True, exist_ok=True)
+        secret.write_text(target.secret_key + "\n")
+        s3 = "\n".join(
+            [
+                "[s3]",
+                f"endpoint = {json.dumps(target.endpoint)}",
+                f"region = {json.dumps(target.region)}",
+                f"access_key_id = {json.dumps(target.access_key)}",
+                f"secret_access_key_file = {json.dumps(str(secret))}",
+                f"redirect = {'true' if target.redirect else 'false'}",
+                "",
+            ]
+        )
+        super().__init__(workdir, extra_config=s3)
+        self.target = target
+
+    def _write_config(self) -> None:
+        bucket = self.target.bucket
+        lines = [
+            f'registry_storage = "s3://{bucket}/registry"',
+            f"temporary_registry_storage = {json.dumps(str(self.temporary_storage_dir))}",
+            f'proxy_storage = "s3://{bucket}/proxy"',
+            "",
+            self.extra_config,
+        ]
+        self.config_path.write_text("\n".join(lines) + "\n")
 
 
 Server = Reference | Regproxy
