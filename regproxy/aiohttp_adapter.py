@@ -166,6 +166,7 @@ def take_request_body(request: web.BaseRequest, length: int) -> TakenBody | None
     if taken is not None and taken.remaining:
         request.protocol.close()
         request.content.feed_eof()
+        assert request.transport is not None  # take_over needed it
         request.transport.pause_reading()
     return taken
 

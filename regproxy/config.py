@@ -611,8 +611,14 @@ def _validated(raw: dict[str, Any], base: Path, source: Path | None) -> Config:
 
 def _validated_s3(s3: S3Config) -> S3Config:
     """`[s3]` checked; an empty string (e.g. from the environment) means "not set"."""
-    optional = ("endpoint", "region", "access_key_id", "secret_access_key_env", "public_endpoint")
-    s3 = dataclasses.replace(s3, **{name: getattr(s3, name) or None for name in optional})
+    s3 = dataclasses.replace(
+        s3,
+        endpoint=s3.endpoint or None,
+        region=s3.region or None,
+        access_key_id=s3.access_key_id or None,
+        secret_access_key_env=s3.secret_access_key_env or None,
+        public_endpoint=s3.public_endpoint or None,
+    )
     for name in ("endpoint", "public_endpoint"):
         url = getattr(s3, name)
         if url is not None:

@@ -8,6 +8,7 @@ no component starting with `_` or `.`.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from regproxy.errors import NameInvalid, NameUnknown, TagInvalid
@@ -56,9 +57,7 @@ def under_prefix(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + "/")
 
 
-def split_proxy_name(
-    name: str, prefix: str, upstreams: frozenset[str] | set[str]
-) -> ProxyName | None:
+def split_proxy_name(name: str, prefix: str, upstreams: Collection[str]) -> ProxyName | None:
     """Parse `<prefix>/<upstream>/<name>`; None when `name` is not under the prefix.
 
     An upstream that is not configured is `NAME_UNKNOWN`: it is never dialled.

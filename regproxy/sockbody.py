@@ -155,6 +155,7 @@ def take_over(content: BufferedBody, transport: Transport | None, length: int) -
         if remaining <= 0:
             _slots.release()
             return TakenBody(head, 0)
+        assert transport is not None  # it gave us its socket
         transport.pause_reading()
         return TakenBody(head, remaining, os.dup(sock.fileno()), _slot=True)
     except BaseException:
@@ -270,7 +271,8 @@ def _fill(fd: int, view: memoryview, pace: _Pace, stop: threading.Event) -> int:
             filled += n
             pace.got(n)
     except (BodyTimeout, BodyStopped, OSError) as exc:
-        exc.filled = filled  # type: ignore[attr-defined]
+        # how far the block got, for the caller to hand on what did arrive
+        setattr(exc, "filled", filled)  # noqa: B010 - an attribute the exception types lack
         raise
     return filled
 

@@ -11,10 +11,6 @@ from aiohttp.test_utils import TestClient
 from regproxy.config import Config
 from tests.support.dockerd import DockerDaemon
 from tests.support.fake_upstream import FakeUpstream
-
-# make_config and start_client moved to tests.support.inprocess; tests/cli,
-# tests/auth/test_{signin_limits,target_matrix}.py and tests/server/test_{body_rate,
-# upload_limits}.py still import them from here, to be updated
 from tests.support.inprocess import make_config, start_client
 from tests.support.podman import Podman
 from tests.support.seaweed import SeaweedS3

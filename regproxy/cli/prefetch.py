@@ -42,6 +42,7 @@ from regproxy.cli.render import (
     table,
 )
 from regproxy.errors import ConfigError
+from regproxy.proxy import prefetch as pf
 
 if TYPE_CHECKING:
     from regproxy.proxy.prefetch import ImageResult
@@ -85,8 +86,6 @@ def prefetch(
     as_json: bool,
 ) -> None:
     """Fetch images into the proxy cache (docker.io/library/alpine:3.20, p/<upstream>/…)."""
-    from regproxy.proxy import prefetch as pf
-
     config = load_config(config_path)
     texts = list(images)
     if image_file is not None:
@@ -147,7 +146,7 @@ def prefetch(
         raise SystemExit(EXIT_PROBLEMS)
 
 
-class _Bars:
+class _Bars(pf.Observer):
     """One bar per blob being downloaded plus a total; finished blobs leave the display."""
 
     def __init__(self, progress: Progress) -> None:

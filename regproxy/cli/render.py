@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import click
 from rich.console import Console
@@ -39,6 +39,9 @@ from rich.text import Text
 from regproxy.cli import EXIT_USAGE, fail
 from regproxy.config import S3Config, StorageLocation
 from regproxy.storage.store import Store
+
+if TYPE_CHECKING:
+    from rich.console import JustifyMethod
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
@@ -114,7 +117,8 @@ def table(title: str | None, columns: Sequence[str | tuple[str, str]]) -> Table:
     for i, column in enumerate(columns):
         name, justify = (column, "left") if isinstance(column, str) else column
         # the first column names the row: never squeeze it away
-        out.add_column(name, justify=justify, no_wrap=i == 0 or justify == "right")  # type: ignore[arg-type]
+        align = cast("JustifyMethod", justify)  # "left" or "right", as the callers write them
+        out.add_column(name, justify=align, no_wrap=i == 0 or justify == "right")
     return out
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Hashable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
@@ -148,7 +148,7 @@ class BlobFlight:
         self.readers -= 1
         self._maybe_close()
 
-    async def spans(self) -> AsyncIterator[tuple[int, int]]:
+    async def spans(self) -> AsyncGenerator[tuple[int, int], None]:
         """(start, end) ranges of the spool ready to send, in order, until the whole blob;
         raises `FlightFailed` on failure. The final byte is never handed out before the
         digest is verified, so a failed fetch never looks like a complete body."""
@@ -166,7 +166,7 @@ class BlobFlight:
                 return
             await self._event.wait()
 
-    async def read(self, handle: BinaryIO, offload: Offload) -> AsyncIterator[bytes]:
+    async def read(self, handle: BinaryIO, offload: Offload) -> AsyncGenerator[bytes, None]:
         """The whole blob as it arrives, in pieces of at most `READ_CHUNK` (for chunked
         responses, whose framing sendfile cannot do)."""
         fd = handle.fileno()

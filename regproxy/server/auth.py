@@ -174,7 +174,11 @@ class Authenticator:
     async def authorise(self, request: web.Request, kind: str) -> None:
         identity = await self.identify(request)
         request[USER] = identity.user
-        request[MAY] = lambda action, name: self.may(identity, action, name, False)
+
+        def may(action: str, name: str) -> bool:
+            return self.may(identity, action, name, False)
+
+        request[MAY] = may
         if kind in ("base", "catalog"):
             if identity.user is None and identity.grant is None:
                 raise self.challenge(request, None)

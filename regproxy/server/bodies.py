@@ -27,7 +27,8 @@ async def pieces(request: web.Request) -> AsyncIterator[bytes]:
     The rate's clock runs only while this waits for the client: time the caller spends
     storing what arrived is not the client's fault."""
     server = request.app[CONFIG].server
-    timeout, min_rate = server.body_timeout, server.body_min_rate
+    timeout: float = server.body_timeout
+    min_rate: float = server.body_min_rate
     content = request.content
     loop = asyncio.get_running_loop()
     received = 0

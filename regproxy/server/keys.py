@@ -22,8 +22,8 @@ PROXY = web.AppKey("proxy_cache", ProxyCache)
 BODY_BUDGET = web.AppKey("body_budget", MemoryBudget)
 
 #: per request: the signed-in user (None: anonymous), and "may this caller do ACTION on NAME?"
-USER = web.RequestKey("user", str)
-MAY = web.RequestKey("may", Callable)
+USER: web.RequestKey[str | None] = web.RequestKey("user")
+MAY: web.RequestKey[Callable[[str, str], bool]] = web.RequestKey("may")
 #: per request: the body was read past aiohttp, so the connection closes after the answer
 CLOSE_AFTER = web.RequestKey("close_after", bool)
 #: per request: (resolved as a write?, the repository or upstream image, or the error

@@ -252,7 +252,7 @@ class Metrics:
         self.runs: dict[str, dict[str, Any]] = {}
         self._scan: asyncio.Task[None] | None = None
         self._app: web.Application | None = None
-        self.registry.register(_AppCollector(self))  # type: ignore[arg-type]
+        self.registry.register(_AppCollector(self))
 
     def evicted(self, blobs_removed: int, bytes_freed: int) -> None:
         if blobs_removed:

@@ -55,9 +55,9 @@ def _encoded_body(request: web.Request) -> bool:
 async def errors_middleware(request: web.Request, handler) -> web.StreamResponse:
     if request.method in _BODY_METHODS and _encoded_body(request):
         # refused before a byte is read; the unread body rules out keeping the connection
-        response = error_response(BodyEncodingUnsupported(), request.method)
-        response.force_close()
-        return response
+        refused = error_response(BodyEncodingUnsupported(), request.method)
+        refused.force_close()
+        return refused
     response = await _answer(request, handler)
     # the body was read past aiohttp's parser (bodies.take_body); GET and HEAD never are,
     # and skip the lookup (a KeyError inside Mapping.get) on the hot path

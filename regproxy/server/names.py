@@ -48,7 +48,7 @@ def _resolve_write(request: web.Request) -> str:
 async def _resolve_read(request: web.Request) -> Target:
     proxy = request.app[CONFIG].proxy
     name = request.match_info["name"]
-    upstreams = proxy.upstreams.keys()
+    upstreams = frozenset(proxy.upstreams)
     if is_proxy_name(request, name):
         target = split_proxy_name(name, proxy.prefix, upstreams)
         assert target is not None  # is_proxy_name held

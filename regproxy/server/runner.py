@@ -66,6 +66,7 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
 def reload_tls(context: ssl.SSLContext, config: Config) -> None:
     """Load the certificate files again: new connections get them, open ones keep theirs."""
     try:
+        assert config.server.tls_certificate is not None  # only called when TLS is on
         context.load_cert_chain(config.server.tls_certificate, config.server.tls_key)
         log.info("TLS certificate reloaded from %s", config.server.tls_certificate)
     except (OSError, ssl.SSLError) as exc:

@@ -127,8 +127,10 @@ async def start_upload(request: web.Request) -> web.Response:
         may = request.get(MAY)
         if source and may is not None and not may("pull", source):
             source = None  # never mount from a repository the caller cannot read
-        if source and await offload.run(store.mount_blob, name, digest, source):
-            return _created(name, digest)
+        if source:
+            mounted: bool = await offload.run(store.mount_blob, name, digest, source)
+            if mounted:
+                return _created(name, digest)
         # not mountable (or no access): fall back to a normal upload, as the spec says
     if "digest" in request.query:
         _digest_param(request)  # a malformed digest must not leave a session behind

@@ -8,10 +8,11 @@ import fcntl
 import io
 import os
 import shutil
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from regproxy.storage.backend import Entry
 from regproxy.storage.layout import temp_name
@@ -194,9 +195,13 @@ class FsBackend:
             return None
 
     def version(self, path: Path) -> tuple[int, int, int] | None:
+        """(inode, mtime in ns, size). A folder changed within the last second has none:
+        a second change within the same clock tick would not move its mtime."""
         try:
             st = os.stat(path)
         except (FileNotFoundError, NotADirectoryError):
+            return None
+        if stat.S_ISDIR(st.st_mode) and time.time_ns() - st.st_mtime_ns <= 1_000_000_000:
             return None
         return st.st_ino, st.st_mtime_ns, st.st_size
 
@@ -265,7 +270,7 @@ class FsBackend:
             handle.seek(start)
         if end is None:
             return handle
-        return _Bounded(handle, end - start)
+        return cast(BinaryIO, _Bounded(handle, end - start))  # a read-only file object
 
     def local_path(self, path: Path) -> Path | None:
         return path

@@ -227,7 +227,7 @@ def _repository(
         last_pulled = store.backend.mtime(store.layout.pulled(name))
         revalidated = [t.updated for t in tags if t.updated]
         last_revalidated = max(revalidated) if revalidated else None
-    info = RepositoryInfo(
+    repository = RepositoryInfo(
         display,
         kind,
         upstream,
@@ -239,7 +239,7 @@ def _repository(
         last_pulled=last_pulled,
         last_revalidated=last_revalidated,
     )
-    return info, owned
+    return repository, owned
 
 
 def scan_store(

@@ -28,7 +28,7 @@ import time
 import uuid
 from collections.abc import Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePath, PurePosixPath
 from typing import Any, BinaryIO
 
 from regproxy.storage.backend import Entry
@@ -81,7 +81,7 @@ class S3Backend:
         client: Any,
         bucket: str,
         prefix: str,
-        root: Path,
+        root: PurePath,
         presigner: Any | None = None,
     ) -> None:
         self.client = client

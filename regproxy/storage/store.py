@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,8 +80,8 @@ class Store:
         self.backend: Backend = backend or FsBackend(self.layout.tmp)
         self.manifests = ManifestCache()
         # small metadata remembered with the file version it was read at (see `version`)
-        self._media_types: dict[tuple[str, Digest], tuple[tuple[int, int, int], str]] = {}
-        self._tag_lists: dict[str, tuple[tuple[int, int, int], tuple[str, ...]]] = {}
+        self._media_types: dict[tuple[str, Digest], tuple[Hashable, str]] = {}
+        self._tag_lists: dict[str, tuple[Hashable, tuple[str, ...]]] = {}
         self.backend.prepare([self.layout.blobs, self.layout.repositories, self.layout.tmp])
 
     @property
@@ -338,11 +338,8 @@ class Store:
         return any(entry in REPO_MARKERS for entry in self.backend.names(self.layout.repo(name)))
 
     def cached_tags(self, name: str) -> list[str] | None:
-        """The remembered tag list of `name` if its folder has not changed (one stat), else None.
-
-        Only a folder last changed over a second ago counts as unchanged: a change within
-        the same clock tick as the listing would not move its mtime.
-        """
+        """The remembered tag list of `name` if its folder has not changed (one stat), else
+        None (also whenever the backend cannot vouch for the folder: see `version`)."""
         version = self.backend.version(self.layout.tags_dir(name))
         hit = self._tag_lists.get(name)
         if version is None or hit is None or hit[0] != version:
@@ -356,7 +353,7 @@ class Store:
         if version is None and not missing_ok and not self.repository_exists(name):
             raise NameUnknown(detail={"name": name})
         tags = sorted(self.backend.names(folder))
-        if version is not None and time.time_ns() - version[1] > 1_000_000_000:
+        if version is not None:  # a backend that can vouch for the folder (see `version`)
             if len(self._tag_lists) > MAX_REMEMBERED:
                 self._tag_lists.clear()
             self._tag_lists[name] = (version, tuple(tags))
