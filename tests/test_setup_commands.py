@@ -43,10 +43,24 @@ def test_commands_install_into_a_venv() -> None:
     """Debian 12's and Ubuntu 24.04's python3 refuse `pip install` (PEP 668)."""
     for command in setup_commands():
         first, *rest = command.split(" && ")
-        assert first == "python3 -m venv .venv", command
+        assert first == "sh packaging/venv.sh", command
         assert all(part.startswith(".venv/bin/") for part in rest), command
     packages = (ROOT / ".ci" / "run").read_text()
     assert "python3-venv" in packages  # `python3 -m venv` needs it on Debian
+
+
+def test_venv_script_makes_a_venv_with_pip(tmp_path: Path) -> None:
+    """packaging/venv.sh in a fresh folder: a .venv whose pip runs; a second run keeps it."""
+    script = ROOT / "packaging" / "venv.sh"
+    for _ in range(2):
+        done = subprocess.run(
+            ["sh", str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr
+    pip = subprocess.run(
+        [str(tmp_path / ".venv" / "bin" / "pip"), "--version"], capture_output=True, text=True
+    )
+    assert pip.returncode == 0 and "pip" in pip.stdout, pip.stderr
 
 
 def test_test_command_installs_every_extra() -> None:
