@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -221,7 +222,9 @@ class Profiler:
     """``py-spy record`` attached to a regproxy process, collapsed stacks to ``out``."""
 
     def __init__(self, pid: int, out: Path) -> None:
-        py_spy = shutil.which("py-spy")
+        # the venv's bin folder is not on PATH when run as .venv/bin/python
+        beside = Path(sys.executable).parent / "py-spy"
+        py_spy = str(beside) if beside.exists() else shutil.which("py-spy")
         if py_spy is None:
             raise SectionSkipped("--profile needs py-spy (pip install py-spy)")
         out.parent.mkdir(parents=True, exist_ok=True)
