@@ -59,6 +59,9 @@ class UpstreamState:
     last_ok: float | None = None
     last_error: str | None = None
     last_error_at: float | None = None
+    #: the newest `ratelimit-remaining` header (Docker Hub: `76;w=21600`), and when it came
+    ratelimit_remaining: str | None = None
+    ratelimit_at: float | None = None
 
     def succeeded(self) -> None:
         self.last_ok = time.time()
@@ -230,6 +233,9 @@ class Upstream:
             self._completed(started, None, exc)
             raise
         self._completed(started, resp.status, None)
+        remaining = resp.headers.get("ratelimit-remaining")
+        if remaining is not None:  # Docker Hub's pull quota, shown on the web page
+            self.state.ratelimit_remaining, self.state.ratelimit_at = remaining[:64], time.time()
         return resp
 
     def _completed(self, started: float, status: int | None, error: UpstreamError | None) -> None:
