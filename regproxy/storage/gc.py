@@ -27,6 +27,14 @@ from regproxy.storage.store import Store
 MAX_LISTED = 1000
 #: seconds: how far a file's mtime may lag time.time() (coarse kernel timestamps), with margin
 CLOCK_SLACK = 1.0
+#: seconds an object store's times may lag on top: S3 keeps whole seconds (Last-Modified is
+#: an HTTP date), so a blob committed at 10.9 reads back as written at 10.0
+OBJECT_STORE_SLACK = 1.0
+
+
+def clock_slack(store: Store) -> float:
+    """How long before gc's start a change still counts as made during the run."""
+    return CLOCK_SLACK + (0.0 if store.backend.local else OBJECT_STORE_SLACK)
 
 
 @dataclass
@@ -139,9 +147,10 @@ def collect(
     """
     started = time.time()
     report = GcReport(label, dry_run)
-    # File times come from the kernel's coarse clock and can lag time.time() by a tick:
-    # anything stamped within CLOCK_SLACK of the start counts as changed during the run.
-    fresh = started - CLOCK_SLACK
+    # File times come from the kernel's coarse clock and can lag time.time() by a tick (on
+    # an object store by up to a second more): anything stamped within the slack of the
+    # start counts as changed during the run.
+    fresh = started - clock_slack(store)
     cutoff = min(fresh, started - grace)
     repositories = store.repositories()
 
