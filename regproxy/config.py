@@ -297,6 +297,17 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class UiConfig:
+    #: serve the web page at `/` and `/ui/…` (the registry API under `/v2/` is unaffected)
+    enabled: bool = True
+    #: the page's title and heading
+    title: str = "regproxy"
+    #: how old the overview's repository list may get before a view starts a new scan
+    #: (0: every view waits for a fresh one)
+    refresh_interval: Duration = Duration(30)
+
+
+@dataclass(frozen=True)
 class S3Config:
     """How to reach S3 when a store is `s3://…` (unused otherwise).
 
@@ -354,6 +365,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    ui: UiConfig = field(default_factory=UiConfig)
     s3: S3Config = field(default_factory=S3Config)
     source: Path | None = None  # the file this was read from (not a config key)
 

@@ -34,6 +34,9 @@ async def get_manifest(request: web.Request, target: ProxyName, reference: str) 
     result = await request.app[PROXY].manifest(target, reference, _accept_list(request))
     response = manifest_response(result.stored, request.method == "HEAD")
     response.headers[CACHE_STATUS] = result.status
+    if result.status != MISS and request.method != "HEAD":
+        cache = request.app[PROXY]
+        cache.stats.count(cache.stats.served_bytes, target.upstream, len(result.stored.data))
     return response
 
 
@@ -50,7 +53,10 @@ async def get_blob(request: web.Request, target: ProxyName, digest: Digest) -> w
         offload = request.app[OFFLOAD]
         redirect = request.app[CONFIG].s3.redirect
         extra = {CACHE_STATUS: HIT}
-        return await send_blob_file(request, cache.store, digest, offload, extra, redirect)
+        sent = await send_blob_file(request, cache.store, digest, offload, extra, redirect)
+        if sent.status in (200, 206) and request.method != "HEAD":
+            cache.stats.count(cache.stats.served_bytes, target.upstream, sent.content_length or 0)
+        return sent
     what = f"blob {digest}"
     handle = flight.attach()  # before any await: the flight keeps its spool for us
     try:
