@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from regproxy import ui
 from regproxy.aiohttp_adapter import request_handler_args
 from regproxy.config import Config
 from regproxy.proxy.cache import ProxyCache
@@ -182,4 +183,5 @@ def create_app(config: Config) -> web.Application:
     metrics.setup(app)  # after _resources: instruments the upstream clients it made
     health.setup(app)
     logs.setup(app)
+    ui.setup(app)  # `/` and `/ui/…`, unless [ui] enabled = false
     return app
