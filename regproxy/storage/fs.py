@@ -122,7 +122,10 @@ class FsBackend:
         except (FileNotFoundError, NotADirectoryError):
             return None
         try:
-            data = os.read(fd, SMALL_READ)
+            try:
+                data = os.read(fd, SMALL_READ)
+            except IsADirectoryError:
+                return None  # a folder is no file (as on an object store)
             if len(data) < SMALL_READ:
                 return data
             parts = [data]
@@ -186,13 +189,12 @@ class FsBackend:
         fsync_dir(path.parent)
 
     def exists(self, path: Path) -> bool:
-        return os.path.exists(path)
+        """A file only: a folder is no object on an object store, so it is none here."""
+        return os.path.isfile(path)
 
     def size(self, path: Path) -> int | None:
-        try:
-            return os.stat(path).st_size
-        except (FileNotFoundError, NotADirectoryError):
-            return None
+        st = _file_stat(path)
+        return None if st is None else st.st_size
 
     def version(self, path: Path) -> tuple[int, int, int] | None:
         """(inode, mtime in ns, size). A folder changed within the last second has none:
@@ -206,16 +208,14 @@ class FsBackend:
         return st.st_ino, st.st_mtime_ns, st.st_size
 
     def mtime(self, path: Path) -> float | None:
-        try:
-            return os.stat(path).st_mtime
-        except (FileNotFoundError, NotADirectoryError):
-            return None
+        st = _file_stat(path)
+        return None if st is None else st.st_mtime
 
     def remove(self, path: Path) -> bool:
         try:
             os.unlink(path)
             return True
-        except (FileNotFoundError, NotADirectoryError):
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return False
 
     def names(self, folder: Path) -> list[str]:
@@ -225,8 +225,10 @@ class FsBackend:
             return []
 
     def files(self, folder: Path) -> Iterator[Entry]:
+        """A folder that cannot be read fails the walk (os.walk would skip it silently,
+        and verify would call a store it could not read clean)."""
         root = str(folder)
-        for dirpath, dirs, names in os.walk(root):
+        for dirpath, dirs, names in os.walk(root, onerror=_walk_error):
             dirs[:] = [d for d in dirs if not d.startswith(".")]
             relative = os.path.relpath(dirpath, root)
             for name in names:
@@ -265,7 +267,10 @@ class FsBackend:
         fsync_dir(dst.parent)
 
     def open_read(self, path: Path, start: int = 0, end: int | None = None) -> BinaryIO:
-        handle = open(path, "rb")  # noqa: SIM115 - the caller closes it
+        try:
+            handle = open(path, "rb")  # noqa: SIM115 - the caller closes it
+        except IsADirectoryError:
+            raise FileNotFoundError(errno.ENOENT, "not a file", str(path)) from None
         if start:
             handle.seek(start)
         if end is None:
@@ -326,6 +331,21 @@ class FsBackend:
 
     def exclusive_lock(self, path: Path) -> contextlib.AbstractContextManager[None]:
         return self._lock(path, fcntl.LOCK_EX)
+
+
+def _file_stat(path: Path) -> os.stat_result | None:
+    """The stat of a regular file; None when missing or a folder."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return st if stat.S_ISREG(st.st_mode) else None
+
+
+def _walk_error(exc: OSError) -> None:
+    """`os.walk`'s onerror: a folder gone while we walked is fine, any other error is not."""
+    if not isinstance(exc, (FileNotFoundError, NotADirectoryError)):
+        raise exc
 
 
 class _Bounded(io.RawIOBase):

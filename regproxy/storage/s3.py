@@ -19,6 +19,7 @@ the storage thread pool (`local` is False), never on the event loop.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -35,10 +36,15 @@ from regproxy.storage.backend import Entry
 
 #: files up to this size are uploaded with one PUT; larger ones in parts
 SINGLE_PUT_MAX = 64 * 1024 * 1024
-#: multipart part size (S3's minimum is 5 MiB); grown for blobs that would need more
-#: than `MAX_PARTS` parts
+#: multipart part size; grown for blobs that would need more than `MAX_PARTS` parts
 PART_SIZE = 16 * 1024 * 1024
+#: S3's smallest part but the last (smaller ones fail the completion: EntityTooSmall)
+MIN_PART = 5 * 1024 * 1024
 MAX_PARTS = 9_000
+#: the largest object one CopyObject may copy (AWS); larger ones are copied in parts
+COPY_MAX = 5 * 1024 * 1024 * 1024
+#: keys (or uploads) asked for per listing request; S3's own maximum
+LIST_PAGE = 1000
 #: parts of one upload sent at once
 PART_THREADS = 4
 #: files this small are touched by rewriting them (compare-and-swap), larger by a marker
@@ -109,6 +115,9 @@ class S3Backend:
 
     def _join(self, *parts: str) -> str:
         return "/".join([self.prefix, *parts] if self.prefix else list(parts))
+
+    def _is_root(self, path: Path | PurePosixPath) -> bool:
+        return PurePosixPath(path) == self.root
 
     # ---- whole objects ------------------------------------------------------------------
 
@@ -213,7 +222,7 @@ class S3Backend:
     # ---- listings -----------------------------------------------------------------------
 
     def _pages(self, prefix: str, delimiter: str | None = None) -> Iterator[dict[str, Any]]:
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": LIST_PAGE}
         if delimiter:
             kwargs["Delimiter"] = delimiter
         while True:
@@ -224,26 +233,35 @@ class S3Backend:
             kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
     def names(self, folder: Path) -> list[str]:
+        """The store's own `_touched` folder is not listed: it is this backend's
+        bookkeeping, not one of the store's files."""
         prefix = self._folder_key(folder)
+        hidden = TOUCHED if self._is_root(folder) else ""
         found: list[str] = []
         for page in self._pages(prefix, "/"):
             for common in page.get("CommonPrefixes", []):
                 found.append(common["Prefix"][len(prefix) :].rstrip("/"))
             for item in page.get("Contents", []):
                 found.append(item["Key"][len(prefix) :])
-        return [name for name in found if name and not name.startswith(".")]
+        return [name for name in found if name and not name.startswith(".") and name != hidden]
 
     def files(self, folder: Path) -> Iterator[Entry]:
+        """One listing of the folder's keys, and one of its touch markers (whose times
+        count as their files'); `_touched` itself is not listed."""
         prefix = self._folder_key(folder)
+        markers = self._join(TOUCHED, prefix[len(self._folder_key(self.root)) :])
+        markers = markers if markers.endswith("/") else f"{markers}/"
         touched: dict[str, float] = {}
-        for page in self._pages(self._touch_key(prefix.rstrip("/")) + "/"):
-            start = len(self._touch_key(prefix.rstrip("/"))) + 1
+        for page in self._pages(markers):
             for item in page.get("Contents", []):
-                touched[item["Key"][start:]] = item["LastModified"].timestamp()
+                touched[item["Key"][len(markers) :]] = item["LastModified"].timestamp()
+        hidden = f"{TOUCHED}/" if self._is_root(folder) else None
         for page in self._pages(prefix):
             for item in page.get("Contents", []):
                 name = item["Key"][len(prefix) :]
                 if not name or any(part.startswith(".") for part in name.split("/")):
+                    continue
+                if hidden is not None and name.startswith(hidden):
                     continue
                 when = item["LastModified"].timestamp()
                 yield Entry(name, int(item["Size"]), max(when, touched.get(name, when)))
@@ -280,7 +298,7 @@ class S3Backend:
         return self._multipart(src, key, size)
 
     def _multipart(self, src: Path, key: str, size: int) -> bool:
-        part = max(PART_SIZE, math.ceil(size / MAX_PARTS))
+        part = max(PART_SIZE, MIN_PART, math.ceil(size / MAX_PARTS))
         upload = self.client.create_multipart_upload(
             Bucket=self.bucket, Key=key, ContentType="application/octet-stream"
         )["UploadId"]
@@ -323,18 +341,64 @@ class S3Backend:
         self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload)
 
     def move(self, src: Path, dst: Path) -> None:
+        """A server-side copy (in parts beyond `COPY_MAX`), then the source and its touch
+        marker are deleted; the copy's clock starts now."""
         source = self.key(src)
-        self.client.copy_object(
-            Bucket=self.bucket,
-            Key=self.key(dst),
-            CopySource={"Bucket": self.bucket, "Key": source},
-            ContentType="application/octet-stream",
-            MetadataDirective="REPLACE",
-        )
+        head = self._head(source)
+        if head is None:
+            raise FileNotFoundError(str(src))
+        size = int(head["ContentLength"])
+        if size > COPY_MAX:
+            self._copy_in_parts(source, self.key(dst), size)
+        else:
+            self.client.copy_object(
+                Bucket=self.bucket,
+                Key=self.key(dst),
+                CopySource={"Bucket": self.bucket, "Key": source},
+                ContentType="application/octet-stream",
+                MetadataDirective="REPLACE",
+            )
         self.client.delete_object(Bucket=self.bucket, Key=source)
+        if size > SMALL_FILE:
+            self.client.delete_object(Bucket=self.bucket, Key=self._touch_key(source))
+
+    def _copy_in_parts(self, source: str, key: str, size: int) -> None:
+        """CopyObject stops at 5 GiB on AWS: a larger object is copied by UploadPartCopy."""
+        part = max(PART_SIZE, MIN_PART, math.ceil(size / MAX_PARTS))
+        upload = self.client.create_multipart_upload(
+            Bucket=self.bucket, Key=key, ContentType="application/octet-stream"
+        )["UploadId"]
+        try:
+            parts = []
+            for number in range(1, math.ceil(size / part) + 1):
+                start = (number - 1) * part
+                last = min(start + part, size) - 1
+                answer = self.client.upload_part_copy(
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload,
+                    PartNumber=number,
+                    CopySource={"Bucket": self.bucket, "Key": source},
+                    CopySourceRange=f"bytes={start}-{last}",
+                )
+                parts.append({"PartNumber": number, "ETag": answer["CopyPartResult"]["ETag"]})
+            self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload, MultipartUpload={"Parts": parts}
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._abort(key, upload)
+            raise
 
     def open_read(self, path: Path, start: int = 0, end: int | None = None) -> BinaryIO:
+        """A ranged GET. An empty range, or one starting past the end, reads as empty (as
+        on disk), not as the whole object (S3 ignores a range `bytes=5-4`) or an error
+        (416)."""
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key(path)}
+        if end is not None and end <= start:
+            if self._head(kwargs["Key"]) is None:
+                raise FileNotFoundError(str(path))
+            return io.BytesIO(b"")
         if start or end is not None:
             last = "" if end is None else str(end - 1)
             kwargs["Range"] = f"bytes={start}-{last}"
@@ -343,6 +407,8 @@ class S3Backend:
         except self.client_error as exc:
             if _code(exc) in _MISSING or _status(exc) == 404:
                 raise FileNotFoundError(str(path)) from None
+            if _code(exc) == "InvalidRange" or _status(exc) == 416:
+                return io.BytesIO(b"")
             raise
 
     def local_path(self, path: Path) -> Path | None:
@@ -360,13 +426,31 @@ class S3Backend:
         )
 
     def prune(self, folder: Path, stop: Path) -> None:
-        """Nothing to prune: an object store has no empty folders."""
+        """AWS lists no folder without an object below it, but an engine that keeps keys
+        as a filesystem (SeaweedFS) lists an emptied folder until the folder itself is
+        deleted (measured: still listed a minute later). So, as `rmdir` would, delete the
+        folder key `<key>/` of `folder` and of each parent up to `stop` while no object is
+        below it (on AWS, a delete of a key never written). SeaweedFS refuses to delete a
+        folder that is not empty, so a write landing meanwhile stays."""
+        path, end = PurePosixPath(folder), PurePosixPath(stop)
+        while path != end and end in path.parents:
+            below = self._folder_key(path)
+            page = self.client.list_objects_v2(Bucket=self.bucket, Prefix=below, MaxKeys=1)
+            if page.get("Contents"):
+                return
+            self.client.delete_object(Bucket=self.bucket, Key=below)
+            path = path.parent
 
     def sweep_leftovers(self, tmp: Path, age: float, now: float, dry_run: bool) -> int:
         """Abort multipart uploads under the prefix started more than `age` seconds
-        before `now` (a process killed mid-upload), and drop stale lock markers."""
+        before `now` (a process killed mid-upload). Stale lock markers are dropped by
+        the next exclusive holder (`LeaseLock`), which lists them anyway."""
         removed = 0
-        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self._folder_key(self.root)}
+        kwargs: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Prefix": self._folder_key(self.root),
+            "MaxUploads": LIST_PAGE,
+        }
         while True:
             page = self.client.list_multipart_uploads(**kwargs)
             for upload in page.get("Uploads", []):
@@ -402,7 +486,10 @@ class LeaseLock:
     and a sweep starting together at least one sees the other: the commit steps back
     (and retries after the sweep) or the sweep waits for the commit. Markers and leases
     of processes that died expire (`SHARED_STALE`, `LEASE_SECONDS`); a live exclusive
-    holder renews its lease while it works.
+    holder renews its lease while it works, and deletes only its own lease when done
+    (a conditional delete: a holder stalled past its lease must not free the lease of
+    the one that took it over). Stale shared markers are deleted by the next exclusive
+    holder, which lists them anyway.
     """
 
     def __init__(self, backend: S3Backend, key: str) -> None:
@@ -438,7 +525,13 @@ class LeaseLock:
         pause = 0.05
         while True:
             self.client.put_object(Bucket=self.bucket, Key=marker, Body=b"")
-            if not self._exclusive_alive():
+            try:
+                alive = self._exclusive_alive()
+            except BaseException:
+                with contextlib.suppress(Exception):  # no marker left to stall a gc
+                    self.client.delete_object(Bucket=self.bucket, Key=marker)
+                raise
+            if not alive:
                 break
             self.client.delete_object(Bucket=self.bucket, Key=marker)
             if time.monotonic() > deadline:
@@ -465,8 +558,10 @@ class LeaseLock:
         finally:
             stop.set()
             renewer.join()
-            with contextlib.suppress(Exception):
-                self.client.delete_object(Bucket=self.bucket, Key=self.exclusive_key)
+            with contextlib.suppress(Exception):  # 412: the lease is somebody else's now
+                self.client.delete_object(
+                    Bucket=self.bucket, Key=self.exclusive_key, IfMatch=etag[0]
+                )
 
     def _lease(self, owner: str) -> bytes:
         return json.dumps({"owner": owner, "expires": time.time() + LEASE_SECONDS}).encode()
@@ -512,12 +607,14 @@ class LeaseLock:
         prefix = f"{self.folder}/shared/"
         while True:
             now = time.time()
-            live = [
-                item
-                for page in self.backend._pages(prefix)
-                for item in page.get("Contents", [])
-                if now - item["LastModified"].timestamp() < SHARED_STALE
-            ]
+            live = []
+            for page in self.backend._pages(prefix):
+                for item in page.get("Contents", []):
+                    if now - item["LastModified"].timestamp() < SHARED_STALE:
+                        live.append(item)
+                    else:  # a commit that died holding it: ignored, and cleared away
+                        with contextlib.suppress(Exception):
+                            self.client.delete_object(Bucket=self.bucket, Key=item["Key"])
             if not live:
                 return
             if time.monotonic() > deadline:
