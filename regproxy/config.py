@@ -36,6 +36,10 @@ _URL_RE = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*)://")
 #: S3 bucket names (AWS's rules for general purpose buckets, which S3-compatibles accept)
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _HTTP_URL_RE = re.compile(r"https?://[^/\s]+(/\S*)?")
+#: `[server] workers` above this is surely a typo (each worker is a whole process)
+MAX_WORKERS = 256
+#: what `[server] replica_name` may hold: it goes into a response header as it is
+_REPLICA_RE = re.compile(r"[A-Za-z0-9._:@+=-]{1,128}")
 
 
 def parse_duration(value: Any) -> float:
@@ -79,6 +83,24 @@ class Duration(float):
 
 class ByteSize(int):
     """Marker type: bytes, written as a number or a string with a unit."""
+
+
+class WorkerCount(int):
+    """Marker type: a number of processes, or `"auto"` (one per core this process may use)."""
+
+
+def parse_workers(value: Any) -> int:
+    """Processes from a positive integer or `"auto"` (the cores available to this process)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except (AttributeError, OSError):  # not Linux
+            return max(1, os.cpu_count() or 1)
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_WORKERS:
+        return value
+    raise ValueError(f'expected 1 to {MAX_WORKERS} workers or "auto", got {value!r}')
 
 
 class Secret(str):
@@ -171,6 +193,12 @@ class ServerConfig:
     #: request bodies held in memory at once, all requests together (manifests); past it
     #: a body waits briefly for room, then is refused with 429
     body_memory: ByteSize = ByteSize(64 * 1024 * 1024)
+    #: processes serving `listen` together, pre-forked by one supervisor (`"auto"`: one per
+    #: core); 1 is a single process with no supervisor
+    workers: WorkerCount = WorkerCount(1)
+    #: the `X-Regproxy-Replica` response header; none: the host name. With several workers
+    #: `-<worker number>` is appended
+    replica_name: str | None = None
 
     @property
     def host(self) -> str:
@@ -401,6 +429,7 @@ def _type_name(tp: Any) -> str:
         Path: "a path",
         Duration: "a duration",
         ByteSize: "a size",
+        WorkerCount: 'a number of workers or "auto"',
         Secret: "a string",
         S3Location: "an s3:// URL",
     }.get(tp, getattr(tp, "__name__", str(tp)))
@@ -439,6 +468,8 @@ def _convert(value: Any, tp: Any, key: str, base: Path) -> Any:
             return Duration(parse_duration(value))
         if tp is ByteSize:
             return ByteSize(parse_size(value))
+        if tp is WorkerCount:
+            return WorkerCount(parse_workers(value))
     except ValueError as exc:
         raise ConfigError(f"{key}: {exc}") from None
     if tp is Path:
@@ -576,6 +607,11 @@ def _validated(raw: dict[str, Any], base: Path, source: Path | None) -> Config:
         split_listen(config.server.listen)
     except ValueError as exc:
         raise ConfigError(f"server.listen: {exc}") from None
+    replica = config.server.replica_name
+    if replica is not None and not _REPLICA_RE.fullmatch(replica):
+        raise ConfigError(
+            f"server.replica_name: {replica!r} must be 1 to 128 letters, digits or ._:@+=-"
+        )
     if config.log.format not in LOG_FORMATS:
         raise ConfigError(f'log.format: expected "text" or "json", got {config.log.format!r}')
     if config.log.level.lower() not in LOG_LEVELS:
