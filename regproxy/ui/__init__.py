@@ -38,5 +38,7 @@ def setup(app: web.Application) -> None:
     router.add_post("/ui/login", pages.login)
     router.add_post("/ui/logout", pages.logout)
     router.add_get("/ui/static/{file}", pages.static)
+    # browsers ask for it on every site: nothing, rather than the API's JSON 404
+    router.add_get("/favicon.ico", pages.no_icon)
     # anything else under /ui/ (any method) is the page's own 404, never the API's JSON
     router.add_route("*", "/ui/{tail:.*}", pages.not_found)

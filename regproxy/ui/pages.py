@@ -620,5 +620,9 @@ async def static(request: web.Request) -> web.Response:
     return web.Response(body=found.body, content_type=found.content_type, headers=headers)
 
 
+async def no_icon(_request: web.Request) -> web.Response:
+    return web.Response(status=204, headers={"Cache-Control": "public, max-age=86400"})
+
+
 async def not_found(request: web.Request) -> web.Response:
     return not_found_page(request)
