@@ -141,5 +141,42 @@ class StorageFull(RegistryError):
     code, status, default_message = "UNAVAILABLE", 507, "insufficient storage"
 
 
+class StorageUnavailable(RegistryError):
+    """The object store under a store failed a request: down, erroring or too slow."""
+
+    code, status, default_message = "UNAVAILABLE", 503, "object store unavailable"
+
+
+#: modules of the S3 client stack (boto3, botocore, urllib3 below them): their exceptions
+#: are matched by module name, so a server without stores on S3 never imports them
+_OBJECT_STORE_MODULES = ("botocore", "boto3", "urllib3", "s3transfer")
+#: a few words for botocore's transport failures, by class name
+_OBJECT_STORE_CAUSES = {
+    "EndpointConnectionError": "cannot connect",
+    "ConnectionClosedError": "the connection was closed",
+    "ConnectTimeoutError": "no connection in time",
+    "ReadTimeoutError": "no answer in time",
+    "ResponseStreamingError": "the connection broke during an answer",
+    "ProtocolError": "the connection broke",
+    "IncompleteReadError": "an answer ended early",
+}
+
+
+def object_store_error(exc: BaseException) -> StorageUnavailable | None:
+    """`StorageUnavailable` naming the cause in a few words when `exc` was raised by the
+    S3 client stack; None for anything else."""
+    if not type(exc).__module__.startswith(_OBJECT_STORE_MODULES):
+        return None
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):  # botocore's ClientError: S3 answered with an error
+        status = str(response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?"))
+        code = str(response.get("Error", {}).get("Code", ""))
+        cause = f"S3 answered {status}" if code in ("", status) else f"S3 answered {status} {code}"
+    else:
+        name = type(exc).__name__
+        cause = _OBJECT_STORE_CAUSES.get(name, name)
+    return StorageUnavailable(f"object store unavailable ({cause}); try again later")
+
+
 class ConfigError(Exception):
     """A configuration problem, reported as one line naming the key."""

@@ -15,6 +15,7 @@ from regproxy.errors import (
     RegistryError,
     StorageFull,
     Unsupported,
+    object_store_error,
 )
 from regproxy.server.keys import CLOSE_AFTER
 
@@ -79,6 +80,9 @@ async def _answer(request: web.Request, handler) -> web.StreamResponse:
     except ConnectionResetError:
         raise  # the client went away; nothing to answer
     except OSError as exc:
+        stored = _object_store_failure(request, exc)  # some of botocore's are OSErrors
+        if stored is not None:
+            return stored
         if exc.errno == errno.ENOSPC:
             log.error("storage full on %s %s", request.method, request.path)
             return error_response(StorageFull(), request.method)
@@ -86,9 +90,23 @@ async def _answer(request: web.Request, handler) -> web.StreamResponse:
         return error_response(
             RegistryError(f"storage error: {exc.strerror or exc}"), request.method
         )
-    except Exception:
+    except Exception as exc:
+        stored = _object_store_failure(request, exc)
+        if stored is not None:
+            return stored
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(RegistryError("internal error"), request.method)
+
+
+def _object_store_failure(request: web.Request, exc: Exception) -> web.Response | None:
+    """503 UNAVAILABLE when the S3 client failed (the store is down, erroring or too
+    slow), logged in one line: an outage fails every request, never with a traceback."""
+    stored = object_store_error(exc)
+    if stored is None:
+        return None
+    reason = " ".join(str(exc).split())[:300]
+    log.error("object store error on %s %s: %s", request.method, request.path, reason)
+    return error_response(stored, request.method)
 
 
 async def add_api_version(_request: web.Request, response: web.StreamResponse) -> None:
