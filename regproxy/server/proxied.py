@@ -97,9 +97,11 @@ async def _stream_flight(
                 async for start, end in spans:
                     await send_file_range(request, handle, start, end - start)
     except FlightFailed:
-        # never let a failed fetch look like a complete body: cut the connection
+        # never let a failed fetch look like a complete body: cut the connection. The
+        # fetch logged its failure once; raising here would add aiohttp's traceback for
+        # every reader of the blob
         if transport is not None:
             transport.abort()
-        raise ConnectionResetError("upstream fetch failed") from None
+        return response
     await response.write_eof()
     return response

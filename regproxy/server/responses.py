@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 from typing import BinaryIO
@@ -21,6 +22,8 @@ from regproxy.digest import Digest
 from regproxy.errors import BlobUnknown, RangeNotSatisfiable
 from regproxy.storage.aio import Offload
 from regproxy.storage.store import Store, StoredManifest
+
+log = logging.getLogger("regproxy.server")
 
 BLOB_CONTENT_TYPE = "application/octet-stream"
 _RANGE = re.compile(r"bytes=(\d{0,19})-(\d{0,19})", re.ASCII | re.IGNORECASE)
@@ -189,10 +192,12 @@ async def _send_remote(
         # the next chunk is read from the object store while this one goes to the client
         reading = asyncio.ensure_future(offload.run(stream.read, min(RELAY_CHUNK, left)))
         while left > 0:
-            chunk = await reading
+            try:
+                chunk = await reading
+            except Exception as exc:
+                return _cut_short(request, response, digest, " ".join(str(exc).split()))
             if not chunk:
-                # never let a short body look complete: the connection is cut
-                raise ConnectionResetError("the object store ended the blob early")
+                return _cut_short(request, response, digest, "it ended the blob early")
             left -= len(chunk)
             if left > 0:
                 reading = asyncio.ensure_future(offload.run(stream.read, min(RELAY_CHUNK, left)))
@@ -205,6 +210,19 @@ async def _send_remote(
             with contextlib.suppress(Exception):
                 await asyncio.shield(reading)
         await offload.run(stream.close)
+
+
+def _cut_short(
+    request: web.Request, response: web.StreamResponse, digest: Digest, reason: str
+) -> web.StreamResponse:
+    """The object store failed while its blob was relayed: the status line and part of
+    the body are out, so no error answer can follow (it would land inside the body), and
+    a short body must never look complete. The connection is aborted, and the failure
+    logged in one line (raising would make aiohttp log a traceback per download)."""
+    log.warning("object store failed while relaying %s, connection cut: %s", digest, reason[:300])
+    if request.transport is not None:
+        request.transport.abort()
+    return response
 
 
 def blob_head_response(
