@@ -6,6 +6,8 @@ three ways, so it holds for root too (root ignores permission bits): the
 filesystem's read-only flag (`statvfs`), `access(W_OK)` on the folders a
 commit writes to (it reports read-only mounts and immutable folders even to
 root), and a real probe file created and removed in the folder's temp area.
+A store on an object store is ready when a probe object is created and removed
+within `OBJECT_STORE_TIMEOUT` (a stalled store is reported, never waited for).
 
 Upstream reachability is reported, never fails readiness: the cache serves
 what it has while an upstream is down. It is each upstream client's own
@@ -39,6 +41,11 @@ HEALTHZ_PATH = "/healthz"
 READYZ_PATH = "/readyz"
 PROBE_INTERVAL = 30.0
 PROBE_TIMEOUT = aiohttp.ClientTimeout(total=5)
+#: seconds /readyz waits for an object store to take its probe object
+OBJECT_STORE_TIMEOUT = 5.0
+STORES = (("registry", REGISTRY), ("proxy", PROXY_STORE))
+#: the object-store probe running for each store label (at most one each)
+STORE_PROBES = web.AppKey("object_store_probes", dict)
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
@@ -80,12 +87,16 @@ def check_folder(folder: Path, writable: tuple[Path, ...], min_free: int) -> dic
     return result
 
 
+def _object_store_path(store: Store) -> str:
+    backend = store.backend
+    return f"s3://{getattr(backend, 'bucket', '')}/{getattr(backend, 'prefix', '')}"
+
+
 def check_object_store(store: Store) -> dict[str, Any]:
     """Whether a store on an object store takes writes: a probe object created and
     removed through the backend (blocking: run it offloaded)."""
     backend = store.backend
-    where = getattr(backend, "bucket", "")
-    result: dict[str, Any] = {"path": f"s3://{where}/{getattr(backend, 'prefix', '')}"}
+    result: dict[str, Any] = {"path": _object_store_path(store)}
     probe = store.layout.root / "_probe" / f"readyz-{uuid.uuid4().hex}"
     try:
         backend.create(probe, b"ready\n")
@@ -97,13 +108,32 @@ def check_object_store(store: Store) -> dict[str, Any]:
     return result
 
 
+async def probe_object_store(app: web.Application, label: str, store: Store) -> dict[str, Any]:
+    """`check_object_store` in the storage pool, answered within `OBJECT_STORE_TIMEOUT`:
+    a store that does not answer by then is not ready. Its probe goes on, and the next
+    /readyz waits for that same one, so a stalled store holds one pool thread, not one
+    per probe."""
+    probes = app[STORE_PROBES]
+    running = probes.get(label)
+    if running is None or running.done():
+        running = probes[label] = asyncio.ensure_future(app[OFFLOAD].run(check_object_store, store))
+    try:
+        return await asyncio.wait_for(asyncio.shield(running), OBJECT_STORE_TIMEOUT)
+    except asyncio.TimeoutError:
+        return {
+            "path": _object_store_path(store),
+            "ok": False,
+            "error": f"the object store did not answer within {OBJECT_STORE_TIMEOUT:g} s",
+        }
+
+
 def check_storage(app: web.Application) -> dict[str, dict[str, Any]]:
+    """The local storage folders (stores on an object store: `probe_object_store`)."""
     min_free = app[CONFIG].health.min_free_space
     checks = {}
-    for label, key in (("registry", REGISTRY), ("proxy", PROXY_STORE)):
+    for label, key in STORES:
         store = app[key]
         if not store.backend.local:
-            checks[label] = check_object_store(store)
             continue
         layout = store.layout
         checks[label] = check_folder(
@@ -176,7 +206,13 @@ def healthz_handler(_app: web.Application) -> Handler:
 
 def readyz_handler(app: web.Application) -> Handler:
     async def readyz(_request: web.Request) -> web.Response:
-        storage = await app[OFFLOAD].run(check_storage, app)
+        remote = [(label, app[key]) for label, key in STORES if not app[key].backend.local]
+        local, *probed = await asyncio.gather(
+            app[OFFLOAD].run(check_storage, app),
+            *(probe_object_store(app, label, store) for label, store in remote),
+        )
+        found = {**local, **{name: probe for (name, _), probe in zip(remote, probed, strict=True)}}
+        storage = {label: found[label] for label in ("registry", "proxy", "temporary")}
         ready = all(check["ok"] for check in storage.values())
         body = {
             "status": "ready" if ready else "not ready",
@@ -205,5 +241,6 @@ def add_routes(router: web.UrlDispatcher, app: web.Application) -> None:
 
 def setup(app: web.Application) -> None:
     app[PROBES] = UpstreamProbes()
+    app[STORE_PROBES] = {}
     app.cleanup_ctx.append(_probes)
     add_routes(app.router, app)
