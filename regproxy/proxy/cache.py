@@ -30,8 +30,10 @@ from regproxy.errors import (
     ManifestUnknown,
     NameUnknown,
     RegistryError,
+    StorageUnavailable,
     TooManyRequests,
     UpstreamUnavailable,
+    object_store_error,
 )
 from regproxy.proxy.flights import BlobFlight, FlightFailed, SingleFlight
 from regproxy.proxy.upstream import Upstream, UpstreamError, client_timeout
@@ -187,7 +189,15 @@ class ProxyCache:
     def _background(self, coro) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task) -> None:
+        """Forget a finished task; its failure (a pull record the object store refused) is
+        one log line, not asyncio's "exception was never retrieved" traceback."""
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.warning("background cache work failed: %s", " ".join(str(exc).split())[:300])
 
     async def drain(self) -> None:
         """Wait for background work (fetches, pull records) to finish, for offline users."""
@@ -415,10 +425,18 @@ class ProxyCache:
         except FlightFailed as exc:
             self._fail(flight, exc)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            self._fail(flight, FlightFailed(f"upstream transfer failed: {exc!r}"))
+            stored = object_store_error(exc)
+            reason = stored.message if stored else f"upstream transfer failed: {exc!r}"
+            self._fail(flight, FlightFailed(reason, stored=stored is not None))
         except asyncio.CancelledError:
             self._fail(flight, FlightFailed("fetch cancelled"))
             raise
+        except Exception as exc:
+            # anything else (the cache's object store failing the commit among them) fails
+            # the flight too: its readers wait for a commit that will never come otherwise
+            stored = object_store_error(exc)
+            reason = stored.message if stored else f"caching the blob failed: {exc!r}"
+            self._fail(flight, FlightFailed(reason, stored=stored is not None))
         finally:
             if self._blob_flights.get(digest) is flight:
                 del self._blob_flights[digest]
@@ -469,6 +487,8 @@ class ProxyCache:
         flight.fail(error)
 
     def flight_error(self, exc: FlightFailed, what: str) -> RegistryError:
+        if exc.stored:
+            return StorageUnavailable(f"{what}: {exc}")
         return _error_for(UpstreamError(str(exc), exc.status), BlobUnknown, what)
 
     async def blob_head(self, target: ProxyName, digest: Digest) -> int | None:

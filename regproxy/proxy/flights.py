@@ -44,11 +44,13 @@ class SingleFlight:
 
 
 class FlightFailed(Exception):
-    """The upstream fetch failed; `status` is the upstream HTTP status when there was one."""
+    """The upstream fetch failed; `status` is the upstream HTTP status when there was one;
+    `stored`: the cache's object store failed, not the upstream."""
 
-    def __init__(self, reason: str, status: int | None = None) -> None:
+    def __init__(self, reason: str, status: int | None = None, *, stored: bool = False) -> None:
         super().__init__(reason)
         self.status = status
+        self.stored = stored
 
 
 class BlobFlight:
