@@ -17,7 +17,6 @@ import asyncio
 import hashlib
 import re
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -69,8 +68,6 @@ SECURITY_HEADERS = {
 _HOST_RE = re.compile(r"[A-Za-z0-9.\-_]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 _MAX_FIELD = 1024
 PULL_TOOLS = ("docker", "podman", "nerdctl")
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 # ---- formatting (template filters) --------------------------------------------------------
