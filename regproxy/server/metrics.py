@@ -277,7 +277,7 @@ class Metrics:
         for label, store in (("registry", app[REGISTRY]), ("proxy", app[PROXY_STORE])):
             try:
                 self.stores[label] = await app[OFFLOAD].run(scan_store, store)
-            except OSError as exc:
+            except Exception as exc:  # OSError on disk; botocore's errors for a bucket
                 log.warning("cannot walk the %s store for metrics: %s", label, exc)
 
     def stop(self) -> None:

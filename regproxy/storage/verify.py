@@ -1,10 +1,17 @@
 """`verify`: re-hash every blob and manifest, check references, find stray temp files.
 
 Returns a `VerifyReport` and never prints; the CLI renders it. Safe while `serve`
-and `gc` run on the same stores: blobs are immutable and appear by rename, so a
-blob that vanishes while we read it was swept (not corrupt), and each
-repository's references are checked under the store's shared lock so no gc
+and `gc` run on the same stores: blobs are immutable and appear whole (a rename, a
+completed upload), so a blob that vanishes while we read it was swept (not corrupt),
+and each repository's references are checked under the store's shared lock so no gc
 sweep can run half-way through one.
+
+Every store file is reached through the store's `Backend` (a folder or a bucket): the
+walk of `blobs/`, the reads, the repairs. What a leftover looks like depends on where
+the store is: on disk, temp files (`.tmp-*`, which listings leave out as dot-files) and
+entries of the store's `tmp/` folder, found through `Backend.local_path`; on an object
+store, multipart uploads a writer never completed, which `Backend.sweep_leftovers`
+counts and aborts. Anything in `blobs/` whose name is not its digest is a stray on both.
 
 Hashing uses a thread pool: `hashlib` and file reads release the GIL for large
 buffers, so N threads hash N blobs on N cores without the cost of processes
@@ -21,7 +28,8 @@ and strays are problems.
 `<store>/quarantine/` with a note naming every manifest that needs it; a corrupt
 cached blob is removed so the next pull fetches it again; dangling metadata
 links are removed, missing links to present blobs are re-created, and stray
-temp files older than `layout.TEMP_MAX_AGE` are removed.
+temp files (and unfinished multipart uploads) older than `layout.TEMP_MAX_AGE` are
+removed.
 """
 
 from __future__ import annotations
@@ -32,18 +40,19 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from regproxy import manifest as mf
 from regproxy.digest import Digest
 from regproxy.errors import DigestInvalid, RegistryError
-from regproxy.storage.fs import prune_empty_dirs
+from regproxy.storage.backend import Backend
 from regproxy.storage.layout import LAYERS, REFERRERS, TEMP_MAX_AGE, is_temp
 from regproxy.storage.store import Store
 
@@ -160,16 +169,61 @@ class _Blob:
 # ---- hashing ------------------------------------------------------------------------------
 
 
-def hash_file(path: Path, algorithm: str, advance: Callable[[int], None]) -> str:
-    """Hex digest of a file, read in 1 MiB blocks into one reused buffer (GIL released)."""
+def hash_blob(backend: Backend, path: Path, algorithm: str, advance: Callable[[int], None]) -> str:
+    """Hex digest of a stored file: read straight from disk where the backend keeps it
+    there (`local_path`), else streamed through `Backend.open_read`.
+
+    Why both: measured on disk, the stream hashes large blobs as fast (~1 GiB of 1-64 MiB
+    blobs), but its buffered file object per blob costs ~25 % more CPU on 20 000 blobs
+    of 1 KiB.
+    """
+    local = backend.local_path(path)
+    if local is not None:
+        with open(local, "rb", buffering=0) as f:
+            return _hash_into(f.readinto, algorithm, advance)
+    with contextlib.closing(backend.open_read(path)) as stream:
+        return hash_stream(stream, algorithm, advance)
+
+
+def hash_stream(stream: BinaryIO, algorithm: str, advance: Callable[[int], None]) -> str:
+    """Hex digest of a stream, read in `HASH_CHUNK` blocks: into one reused buffer where
+    the stream can (`readinto`: both backends' streams can; a fresh 1 MiB `bytes` per
+    `read` costs ~5 % more CPU)."""
+    readinto = getattr(stream, "readinto", None)
+    if readinto is not None:
+        return _hash_into(readinto, algorithm, advance)
     hasher = hashlib.new(algorithm)
-    buf = bytearray(HASH_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            hasher.update(view[:n])
-            advance(n)
+    while chunk := stream.read(HASH_CHUNK):
+        hasher.update(chunk)
+        advance(len(chunk))
     return hasher.hexdigest()
+
+
+def _hash_into(
+    readinto: Callable[[bytearray], int | None], algorithm: str, advance: Callable[[int], None]
+) -> str:
+    """Blocks read into this thread's buffer and hashed from it (the GIL is released for
+    both)."""
+    hasher = hashlib.new(algorithm)
+    buf = _buffer()
+    view = memoryview(buf)
+    while n := readinto(buf):
+        hasher.update(view[:n])
+        advance(n)
+    return hasher.hexdigest()
+
+
+_buffers = threading.local()
+
+
+def _buffer() -> bytearray:
+    """The calling thread's hashing buffer, allocated once per worker: a fresh zeroed
+    1 MiB `bytearray` per blob was most of the CPU of hashing small blobs (measured:
+    3.7 times the CPU on 20 000 blobs of 1 KiB)."""
+    buf: bytearray | None = getattr(_buffers, "buf", None)
+    if buf is None:
+        buf = _buffers.buf = bytearray(HASH_CHUNK)
+    return buf
 
 
 def default_workers() -> int:
@@ -179,31 +233,98 @@ def default_workers() -> int:
 # ---- the walk over one store's files ------------------------------------------------------
 
 
-def _scan_blobs(target: Target, now: float, problems: list[Problem]) -> Iterator[_Blob]:
-    """Every blob file; misplaced files and old `.tmp-*` leftovers become problems."""
+def _blob_digest(name: str) -> Digest | None:
+    """The digest of a file `<algorithm>/<2 hex>/<hex>` below `blobs/`; None for any other
+    name (a stray)."""
+    parts = name.split("/")
+    if len(parts) != 3 or parts[1] != parts[2][:2]:
+        return None
+    try:
+        return Digest.parse(f"{parts[0]}:{parts[2]}")
+    except DigestInvalid:
+        return None
+
+
+def _scan_blobs(target: Target, problems: list[Problem]) -> Iterator[_Blob]:
+    """Every blob, from the backend's walk of `blobs/`; any other file there is a stray."""
     blobs = target.store.layout.blobs
-    for alg_entry in _entries(blobs):
-        if not alg_entry.is_dir(follow_symlinks=False):
-            _stray(target, alg_entry, now, problems)
+    for entry in target.store.backend.files(blobs):
+        path = blobs / entry.name
+        digest = _blob_digest(entry.name)
+        if digest is None:
+            problems.append(
+                Problem(
+                    target.label, STRAY_FILE, str(path), "not a blob: the name is not its digest"
+                )
+            )
             continue
-        for prefix in _entries(Path(alg_entry.path)):
-            if not prefix.is_dir(follow_symlinks=False):
-                _stray(target, prefix, now, problems)
-                continue
-            for entry in _entries(Path(prefix.path)):
-                try:
-                    digest = Digest.parse(f"{alg_entry.name}:{entry.name}")
-                    regular = entry.is_file(follow_symlinks=False)
-                    size = entry.stat(follow_symlinks=False).st_size
-                except (DigestInvalid, OSError):
-                    digest, regular, size = None, False, 0
-                if digest is None or not regular or prefix.name != entry.name[:2]:
-                    _stray(target, entry, now, problems)
-                    continue
-                yield _Blob(target, digest, Path(entry.path), size)
+        yield _Blob(target, digest, path, entry.size)
+
+
+def _scan_leftovers(target: Target, now: float, problems: list[Problem]) -> list[Problem]:
+    """Leftovers of interrupted writes older than `TEMP_MAX_AGE`, added to `problems`;
+    returns those a `Backend.sweep_leftovers` of the store removes (see `_sweep`).
+
+    On disk: the entries of the store's `tmp/` (swept), `.tmp-*` files and other dot-files
+    in `blobs/` and temp files under `repositories/`, which the backend's listings leave
+    out. On an object store: multipart uploads never completed (one problem, swept).
+    """
+    store = target.store
+    layout = store.layout
+    tmp = store.backend.local_path(layout.tmp)
+    if tmp is None:
+        count = store.backend.sweep_leftovers(layout.tmp, TEMP_MAX_AGE, now, dry_run=True)
+        if not count:
+            return []
+        hours = TEMP_MAX_AGE / 3600
+        message = f"{count} unfinished multipart upload(s) started over {hours:g} h ago"
+        found = [Problem(target.label, STRAY_TEMP, str(store.root), message)]
+        problems += found
+        return found
+    for folder, only_temp in ((layout.blobs, False), (layout.repositories, True)):
+        local = store.backend.local_path(folder)
+        if local is None:
+            continue
+        for relative in _dot_files(local):
+            path = folder / relative
+            if is_temp(path.name):
+                if _age(local / relative, now) >= TEMP_MAX_AGE:
+                    problems.append(
+                        Problem(
+                            target.label, STRAY_TEMP, str(path), "leftover temp file of a write"
+                        )
+                    )
+            elif not only_temp:
+                problems.append(
+                    Problem(target.label, STRAY_FILE, str(path), "not a blob: a hidden file")
+                )
+    found = [
+        Problem(
+            target.label,
+            STRAY_TEMP,
+            str(layout.tmp / entry.name),
+            "leftover of an interrupted commit",
+        )
+        for entry in _entries(tmp)
+        if _age(entry, now) >= TEMP_MAX_AGE
+    ]
+    problems += found
+    return found
+
+
+def _dot_files(folder: Path) -> Iterator[str]:
+    """Files below a local folder with a dot-name on their way (relative paths): what
+    `Backend.files` does not list. Blobs never have one, temp files always do."""
+    for dirpath, _dirs, names in os.walk(folder):
+        relative = os.path.relpath(dirpath, folder)
+        hidden = any(part.startswith(".") for part in Path(relative).parts)
+        for name in names:
+            if hidden or name.startswith("."):
+                yield name if relative == "." else f"{relative}/{name}"
 
 
 def _entries(folder: Path) -> list[os.DirEntry]:
+    """Entries of a local folder (temporary storage, or a store's `tmp/` on disk)."""
     try:
         return list(os.scandir(folder))
     except FileNotFoundError:
@@ -216,34 +337,6 @@ def _age(entry: os.DirEntry | Path, now: float) -> float:
     except OSError:
         return 0.0
     return now - st.st_mtime
-
-
-def _stray(target: Target, entry: os.DirEntry, now: float, problems: list[Problem]) -> None:
-    if is_temp(entry.name):
-        if _age(entry, now) >= TEMP_MAX_AGE:
-            problems.append(
-                Problem(target.label, STRAY_TEMP, entry.path, "leftover temp file of a write")
-            )
-        return
-    problems.append(
-        Problem(target.label, STRAY_FILE, entry.path, "not a blob: the name is not its digest")
-    )
-
-
-def _scan_temp_files(target: Target, now: float, problems: list[Problem]) -> None:
-    """Old entries of the store's `tmp/` and `.tmp-*` files under `repositories/`."""
-    for entry in _entries(target.store.layout.tmp):
-        if _age(entry, now) >= TEMP_MAX_AGE:
-            problems.append(
-                Problem(target.label, STRAY_TEMP, entry.path, "leftover of an interrupted commit")
-            )
-    for dirpath, _dirs, files in os.walk(target.store.layout.repositories):
-        for name in files:
-            path = Path(dirpath, name)
-            if is_temp(name) and _age(path, now) >= TEMP_MAX_AGE:
-                problems.append(
-                    Problem(target.label, STRAY_TEMP, str(path), "leftover temp file of a write")
-                )
 
 
 def _scan_temp_root(temp_root: Path, upload_max_age: float, now: float) -> list[Problem]:
@@ -440,7 +533,6 @@ class _RepoChecker:
 def _quarantine(store: Store, digest: Digest, problem: Problem) -> str:
     """Move a corrupt pushed blob out of `blobs/`, with a note saying why and who needs it."""
     folder = store.root / QUARANTINE / digest.algorithm
-    folder.mkdir(parents=True, exist_ok=True)
     destination = folder / digest.hex
     note = {
         "digest": str(digest),
@@ -448,26 +540,48 @@ def _quarantine(store: Store, digest: Digest, problem: Problem) -> str:
         "quarantined": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "needed_by": problem.needed_by,
     }
-    (folder / f"{digest.hex}.json").write_text(json.dumps(note, indent=2) + "\n")
+    text = json.dumps(note, indent=2) + "\n"
+    store.backend.write_atomic(folder / f"{digest.hex}.json", text.encode())
     source = store.blob_path(digest)
-    os.replace(source, destination)
-    prune_empty_dirs(source.parent, store.layout.blobs)
+    store.backend.move(source, destination)
+    store.backend.prune(source.parent, store.layout.blobs)
     return f"moved to {destination}; push the image again to restore it"
 
 
-def _repair(targets: Sequence[Target], problems: list[Problem]) -> None:
-    """Under each store's exclusive lock, so no commit sees a blob half-way out."""
+def _repair(
+    targets: Sequence[Target], problems: list[Problem], swept: list[Problem], now: float
+) -> None:
+    """Under each store's exclusive lock, so no commit sees a blob half-way out. `swept`:
+    the leftovers one `sweep_leftovers` removes (found with the clock at `now`)."""
+    sweep = {id(p) for p in swept}
     for target in targets:
         mine = [p for p in problems if p.store == target.label]
         if not mine:
             continue
         with target.store.exclusive_lock():
             for p in mine:
-                with contextlib.suppress(OSError):
-                    p.repair = _repair_one(target, p)
+                if id(p) not in sweep:
+                    with contextlib.suppress(OSError):
+                        p.repair = _repair_one(target, p)
+            _sweep(target, [p for p in mine if id(p) in sweep], now)
     for p in problems:
         if p.store == "temporary" and p.kind == STRAY_TEMP:
             p.repair = _remove_path(Path(p.path))
+
+
+def _sweep(target: Target, found: list[Problem], now: float) -> None:
+    """Remove the store's leftovers with the age and clock that found them, so the sweep
+    takes what the scan reported (and nothing younger)."""
+    if not found:
+        return
+    store = target.store
+    try:
+        store.backend.sweep_leftovers(store.layout.tmp, TEMP_MAX_AGE, now, dry_run=False)
+        left = store.backend.sweep_leftovers(store.layout.tmp, TEMP_MAX_AGE, now, dry_run=True)
+    except OSError:
+        return
+    for p in found:
+        p.repair = "removed" if not left else f"{left} could not be removed"
 
 
 def _repair_one(target: Target, p: Problem) -> str | None:
@@ -479,22 +593,23 @@ def _repair_one(target: Target, p: Problem) -> str | None:
             return None
         if target.cached:
             store.backend.remove(store.blob_path(digest))
-            prune_empty_dirs(store.blob_path(digest).parent, store.layout.blobs)
+            store.backend.prune(store.blob_path(digest).parent, store.layout.blobs)
             return "removed; the next pull fetches it again"
         return _quarantine(store, digest, p)
     if p.kind == ORPHANED_LINK:
         store.backend.remove(path)
-        prune_empty_dirs(path.parent, store.layout.repositories)
+        store.backend.prune(path.parent, store.layout.repositories)
         return "link removed"
     if p.kind == MISSING_LINK and p.digest is not None and store.has_blob(Digest.parse(p.digest)):
         store.backend.ensure(path)
         return "link re-created"
-    if p.kind == STRAY_TEMP:
-        return _remove_path(path)
+    if p.kind == STRAY_TEMP:  # a temp file beside blobs or tags (on disk)
+        return "removed" if store.backend.remove(path) else "already gone"
     return None
 
 
 def _remove_path(path: Path) -> str | None:
+    """Remove an entry of the temporary storage (always a local folder)."""
     try:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -525,12 +640,13 @@ def verify(
     problems: list[Problem] = []
     stats = {t.label: StoreStats(t.label, str(t.store.root)) for t in targets}
     blobs: list[_Blob] = []
+    swept: list[Problem] = []
     for target in targets:
-        for blob in _scan_blobs(target, started, problems):
+        for blob in _scan_blobs(target, problems):
             blobs.append(blob)
             stats[target.label].blobs += 1
             stats[target.label].bytes += blob.size
-        _scan_temp_files(target, started, problems)
+        swept += _scan_leftovers(target, started, problems)
     report = VerifyReport(list(stats.values()), problems, workers, repair)
 
     corrupt = _hash_all(blobs, workers, progress, report)
@@ -561,7 +677,7 @@ def verify(
     if temp_root is not None:
         problems.extend(_scan_temp_root(Path(temp_root), upload_max_age, started))
     if repair:
-        _repair(targets, problems)
+        _repair(targets, problems, swept, started)
     report.seconds = time.time() - started
     return report
 
@@ -595,7 +711,8 @@ def _hash_all(
             progress.advance(n)
 
         try:
-            actual = hash_file(blob.path, blob.digest.algorithm, advance)
+            backend = blob.target.store.backend
+            actual = hash_blob(backend, blob.path, blob.digest.algorithm, advance)
         except FileNotFoundError:
             return done, None  # swept or evicted meanwhile: not a problem
         except OSError as exc:

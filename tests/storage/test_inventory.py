@@ -5,16 +5,21 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 from aiohttp.test_utils import TestClient
 
 from regproxy import manifest as mf
 from regproxy.config import Config
 from regproxy.digest import of_bytes
+from regproxy.storage import stores
 from regproxy.storage.inventory import LOCAL, PROXY, inventory
 from regproxy.storage.store import Store
 from tests.storage.helpers import push_index, put_blob
+from tests.support.inprocess import start_client
 from tests.support.oci import make_artifact, make_image, push_image
+from tests.support.s3store import s3_config
+from tests.support.seaweed import SeaweedS3
 
 
 async def test_sizes_unique_and_shared(client: TestClient, config: Config) -> None:
@@ -95,3 +100,25 @@ def test_cached_repository_names_and_times(config: Config) -> None:
     assert not manifest.complete
     assert manifest.platforms == ["linux/arm64/v8"]
     assert manifest.size == len(data) + len(cfg) + len(layer)
+
+
+async def test_a_store_on_s3(seaweed: SeaweedS3, s3_bucket: str, tmp_path: Path) -> None:
+    """The same inventory from a bucket: sizes from the listing, times from the objects."""
+    config = s3_config(seaweed, s3_bucket, tmp_path)
+    client = await start_client(config)
+    try:
+        image = make_image(layer_sizes=(10_000,))
+        await push_image(client, "team/app", image, "v1")
+        _index, children = await push_index(client, "multi", "latest", n=2)
+    finally:
+        await client.close()
+    found = inventory([(LOCAL, stores.open_store(config.registry_storage, config.s3))])
+    repos = {r.name: r for r in found.repositories}
+    assert set(repos) == {"team/app", "multi"}
+    assert repos["team/app"].size == len(image.manifest) + len(image.config) + 10_000
+    assert [(t.tag, t.digest) for t in repos["team/app"].tags] == [("v1", image.digest)]
+    updated = repos["team/app"].tags[0].updated
+    assert updated is not None and time.time() - updated < 60
+    index = next(m for m in repos["multi"].manifests if m.tags == ["latest"])
+    assert index.platforms == ["linux/amd64", "linux/arm64"] and index.complete
+    assert {m.digest for m in repos["multi"].manifests} >= {c.digest for c in children}

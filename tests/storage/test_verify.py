@@ -9,10 +9,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient
 
 from regproxy.config import Config
-from regproxy.digest import of_bytes
+from regproxy.digest import Digest, of_bytes
+from regproxy.storage import stores
 from regproxy.storage import verify as v
 from regproxy.storage.layout import TEMP_MAX_AGE
 from regproxy.storage.store import Store
@@ -24,7 +26,10 @@ from tests.storage.helpers import (
     put_blob,
     snapshot,
 )
+from tests.support.inprocess import start_client
 from tests.support.oci import make_artifact, make_image, push_image, sha256
+from tests.support.s3store import s3_config
+from tests.support.seaweed import SeaweedS3
 
 
 def _flip_byte(path: Path) -> None:
@@ -246,3 +251,75 @@ def test_hashing_uses_the_worker_pool(config: Config) -> None:
     assert progress.done == progress.total == 6 * 4 * 1024 * 1024
     assert len(progress.seen) > 1
     assert threading.get_ident() not in progress.seen
+
+
+# ---- a store on S3 -------------------------------------------------------------------------
+
+
+def _flip_stored_byte(store: Store, digest: Digest) -> None:
+    path = store.blob_path(digest)
+    data = bytearray(store.backend.read(path) or b"")
+    data[len(data) // 2] ^= 0xFF
+    store.backend.write_atomic(path, bytes(data))
+
+
+async def test_on_s3_corruption_strays_and_leftovers(
+    seaweed: SeaweedS3, s3_bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both stores on a bucket: hashed through ranged GETs, a key that is no digest is a
+    stray, an unfinished multipart upload a leftover; repair quarantines and removes
+    through the backend and aborts the upload."""
+    config = s3_config(seaweed, s3_bucket, tmp_path)
+    client = await start_client(config)
+    try:
+        image = make_image(layer_sizes=(300_000, 5000))
+        await push_image(client, "app", image, "v1")
+    finally:
+        await client.close()
+    registry = stores.open_store(config.registry_storage, config.s3)
+    proxy = stores.open_store(config.proxy_storage, config.s3)
+    cached = os.urandom(5000)
+    staged = tmp_path / "staged"
+    staged.write_bytes(cached)
+    proxy.commit_blob("up/library/alpine", staged, of_bytes(cached))
+    layer = of_bytes(image.layers[0])
+    _flip_stored_byte(registry, layer)
+    _flip_stored_byte(proxy, of_bytes(cached))
+    stray = registry.layout.blobs / "sha256/ab/not-a-digest"
+    registry.backend.write_atomic(stray, b"x")
+    s3 = seaweed.client()
+    upload_key = f"registry/blobs/sha256/cd/{'cd' * 32}"
+    s3.create_multipart_upload(Bucket=s3_bucket, Key=upload_key)
+    monkeypatch.setattr(v, "TEMP_MAX_AGE", 1.0)
+    time.sleep(1.5)  # the upload is older than the (shortened) leftover age
+
+    targets = [v.Target("registry", registry), v.Target("proxy", proxy, cached=True)]
+    report = v.verify(targets, config.temporary_registry_storage)
+    assert _kinds(report) == [
+        ("proxy", v.CORRUPT),
+        ("registry", v.CORRUPT),
+        ("registry", v.STRAY_FILE),
+        ("registry", v.STRAY_TEMP),
+    ]
+    assert report.blobs_hashed == len(image.blobs) + 1 + 1  # the manifest, the cached blob
+    found = {(p.store, p.kind): p for p in report.problems}
+    assert found["registry", v.CORRUPT].needed_by == ["app:v1"]
+    assert found["registry", v.CORRUPT].path == str(registry.blob_path(layer))
+    assert found["registry", v.STRAY_FILE].path == str(stray)
+    assert "1 unfinished multipart upload" in found["registry", v.STRAY_TEMP].message
+
+    repaired = v.verify(targets, config.temporary_registry_storage, repair=True)
+    done = {(p.store, p.kind): p.repair for p in repaired.problems}
+    assert "quarantine" in (done["registry", v.CORRUPT] or "")
+    assert "next pull" in (done["proxy", v.CORRUPT] or "")
+    assert done["registry", v.STRAY_TEMP] == "removed"
+    assert done["registry", v.STRAY_FILE] is None
+    assert not registry.has_blob(layer) and not proxy.has_blob(of_bytes(cached))
+    quarantine = registry.root / "quarantine" / "sha256"
+    assert registry.backend.read(quarantine / layer.hex) is not None
+    note = json.loads(registry.backend.read(quarantine / f"{layer.hex}.json") or b"")
+    assert note["digest"] == str(layer) and note["needed_by"] == ["app:v1"]
+    assert s3.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+
+    again = v.verify(targets, config.temporary_registry_storage)
+    assert {p.kind for p in again.problems} == {v.MISSING_BLOB, v.ORPHANED_LINK, v.STRAY_FILE}
