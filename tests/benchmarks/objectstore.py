@@ -54,12 +54,16 @@ def _engine(workdir: Path):  # -> SeaweedS3
     return engine
 
 
-def _follow(url: str, path: str, size: int) -> Callable[[], None]:
-    """GET a blob that answers 307, then GET the presigned URL it names (loopback only)."""
+def _follow(url: str, path: str, size: int, hops: list[float] | None = None) -> Callable[[], None]:
+    """GET a blob that answers 307, then GET the presigned URL it names (loopback only);
+    the seconds until the 307 go to ``hops``."""
 
     def job() -> None:
+        started = time.perf_counter()
         with Connection(url) as c:
             resp = c.request("GET", path)
+        if hops is not None:
+            hops.append(round(time.perf_counter() - started, 4))
         if resp.status != 307:
             raise ClientError(f"GET {url}{path}: {resp.status}, expected a 307 redirect")
         target = urlsplit(resp.headers["location"])
@@ -210,7 +214,8 @@ def s3(b: Bench) -> None:
             for rep in range(s.reps):
                 for label in b.order(rep):
                     srv = servers[label]
-                    job = _follow(srv.url, path, pulled.size)
+                    hops = redirected.extra.setdefault("seconds_to_307", {}).setdefault(label, [])
+                    job = _follow(srv.url, path, pulled.size, hops)
                     sample, cpu = run.measure(srv, lambda j=job: timed_parallel([j]))
                     run.record(redirected, label, sample, cpu, pulled.size / sample.seconds / MB)
 
