@@ -4,7 +4,7 @@
 #   packaging/smoke.sh [BINARY]          default BINARY: ./dist/regproxy
 #
 # 1. `--version` (matches $EXPECTED_VERSION when set)
-# 2. `serve` on a free loopback port with a temp config; /readyz, /metrics
+# 2. `serve` on a free loopback port with a temp config; /readyz, /metrics, the web page
 # 3. a real push with skopeo (an OCI image made here, no network), and a pull back
 # 4. a second `serve` (port and upstream from REGPROXY_* environment variables)
 #    pulling the same image through its cache from the first
@@ -98,6 +98,12 @@ origin=127.0.0.1:$port
 get "$origin" /v2/ >/dev/null || die "GET /v2/ failed"
 get "$origin" /healthz | grep -q '"ok"' || die "/healthz"
 get "$origin" /readyz | grep -q '"ready"' || die "/readyz"
+# the web page: its templates and stylesheet are package data the binary must carry
+# (read whole first: grep -q stopping early would fail the pipeline under pipefail)
+page=$(get "$origin" /) || die "GET / (the web page)"
+grep -q '<title>regproxy</title>' <<<"$page" || die "GET / is not the web page"
+css=$(get "$origin" /ui/static/ui.css) || die "GET /ui/static/ui.css"
+grep -q 'prefers-color-scheme' <<<"$css" || die "the web page's stylesheet is not in the binary"
 
 # ---- 3. push and pull with skopeo ---------------------------------------------------------
 mkdir -p "$work/containers/tmp" "$work/image/rootfs" "$work/layout/blobs/sha256"
