@@ -25,6 +25,9 @@ from tests.support.seaweed import SeaweedS3
 
 pytestmark = pytest.mark.timeout(60)
 
+#: tries to push within the last 0.3 s of a second (a loaded machine may miss it)
+ATTEMPTS = 5
+
 
 async def _at_fraction(fraction: float) -> None:
     """Sleep until the clock's fractional second is `fraction` (within the next second)."""
@@ -41,15 +44,19 @@ async def test_grace_zero_keeps_a_blob_pushed_a_moment_before_gc(
     client = await start_client(config)
     try:
         store = client.server.app[REGISTRY]
-        image = make_image((300,))
-        # the blobs land late in one second, gc starts early in the next
-        await _at_fraction(0.7)
-        pushed = time.time()
-        for blob in image.blobs:
-            await push_blob(client, "app", blob)
-        await _at_fraction(0.05)
-        started = time.time()
-        assert started - pushed < 0.9, "the pushes took too long to prove anything"
+        for _attempt in range(ATTEMPTS):
+            image = make_image((300,))
+            # the blobs land late in one second, gc starts early in the next
+            await _at_fraction(0.7)
+            pushed = time.time()
+            for blob in image.blobs:
+                await push_blob(client, "app", blob)
+            await _at_fraction(0.05)
+            started = time.time()
+            if started - pushed < 0.9:
+                break  # else a busy machine: the pushes took too long to prove anything
+        else:
+            pytest.fail(f"pushing two small blobs took over 0.3 s {ATTEMPTS} times")
         report = await asyncio.to_thread(gc_mod.collect, store, 0.0)
         swept = {sha256(blob) for blob in image.blobs} & set(report.removed)
         assert not swept, f"gc --grace 0 swept blobs pushed {started - pushed:.2f} s before"
