@@ -28,12 +28,13 @@ from typing import Any
 
 import pytest
 
-from regproxy.config import S3Config
+from regproxy.config import S3Config, S3Location
 from regproxy.storage import s3, stores
 from regproxy.storage.backend import Backend
 from regproxy.storage.fs import FsBackend
 from regproxy.storage.layout import temp_name
 from tests.support.s3store import s3_config
+from tests.support.seaweed import SeaweedS3
 
 MiB = 1024 * 1024
 #: larger than `s3.SMALL_FILE`: touched through a marker on S3
@@ -116,14 +117,30 @@ def _fs_rig(tmp_path: Path) -> Rig:
     )
 
 
-def _s3_rig(request: pytest.FixtureRequest, tmp_path: Path) -> Rig:
-    engine = request.getfixturevalue("seaweed")
-    bucket = request.getfixturevalue("s3_bucket")
-    config = s3_config(engine, bucket, tmp_path / "site")
-    store = stores.open_store(config.registry_storage, config.s3)
+@dataclass
+class S3Site:
+    """What every S3 test shares (a boto3 client takes a few tenths of a second to build):
+    the `[s3]` settings, whose client `stores` keeps, and a second client standing for
+    another process, which tests never patch."""
+
+    settings: S3Config
+    other: Any
+
+
+@pytest.fixture(scope="module")
+def s3_site(seaweed: SeaweedS3, tmp_path_factory: pytest.TempPathFactory) -> S3Site:
+    settings = s3_config(seaweed, "unused", tmp_path_factory.mktemp("site")).s3
+    return S3Site(settings, seaweed.client(max_pool_connections=32))
+
+
+def _s3_rig(site: S3Site, tmp_path: Path) -> Rig:
+    """A store on a fresh bucket, opened by `stores.open_store` as `serve` opens one."""
+    bucket = f"t-{uuid.uuid4().hex[:20]}"
+    client = site.other
+    client.create_bucket(Bucket=bucket)
+    store = stores.open_store(S3Location(bucket, "registry"), site.settings)
     backend = store.backend
     assert isinstance(backend, s3.S3Backend)
-    client = engine.client(max_pool_connections=32)
     prefix = f"{backend.prefix}/"
 
     def keys() -> set[str]:
@@ -165,12 +182,7 @@ def _s3_rig(request: pytest.FixtureRequest, tmp_path: Path) -> Rig:
         backend=backend,
         root=store.root,
         local=tmp_path / "temporary",
-        twin=lambda: s3.S3Backend(
-            engine.client(max_pool_connections=32),
-            bucket,
-            backend.prefix,
-            PurePosixPath(store.root),
-        ),
+        twin=lambda: s3.S3Backend(client, bucket, backend.prefix, PurePosixPath(store.root)),
         tick=1.1,
         leftover_gap=2.2,  # an upload's Initiated time has whole seconds
         leftover=leftover,
@@ -182,7 +194,9 @@ def _s3_rig(request: pytest.FixtureRequest, tmp_path: Path) -> Rig:
 
 @pytest.fixture(params=["fs", "s3"])
 def rig(request: pytest.FixtureRequest, tmp_path: Path) -> Rig:
-    return _fs_rig(tmp_path) if request.param == "fs" else _s3_rig(request, tmp_path)
+    if request.param == "fs":
+        return _fs_rig(tmp_path)
+    return _s3_rig(request.getfixturevalue("s3_site"), tmp_path)
 
 
 def _read_all(rig: Rig, path: Path, start: int = 0, end: int | None = None) -> bytes:
