@@ -40,10 +40,15 @@ LAYERS = {
     "regproxy.storage.uploads": ABOVE_STORAGE,
     "regproxy.storage.verify": ABOVE_STORAGE,
     "regproxy.storage.inventory": ABOVE_STORAGE,
+    "regproxy.storage.intake": ABOVE_STORAGE,
     # boto3 only when a client is built: a store is on S3
     "regproxy.storage.s3client": [*ABOVE_STORAGE, "boto3", "botocore"],
+    "regproxy.storage.s3": [*ABOVE_STORAGE, "boto3", "botocore"],
+    "regproxy.storage.stores": [*ABOVE_STORAGE, "boto3", "botocore"],
     "regproxy.access.policy": ABOVE_ACCESS,
     "regproxy.access.tokens": ABOVE_ACCESS,
+    "regproxy.access.htpasswd": ABOVE_ACCESS,
+    "regproxy.access.throttle": ABOVE_ACCESS,
     "regproxy.proxy.prefetch": ABOVE_PROXY,
     "regproxy.proxy.cache": ABOVE_PROXY,
     "regproxy.proxy.upstream": ABOVE_PROXY,
@@ -52,6 +57,10 @@ LAYERS = {
     "regproxy.server.metrics": [*ABOVE_SERVER, "regproxy.server.health", "regproxy.server.ops"],
     "regproxy.server.ops": ABOVE_SERVER,
     "regproxy.server.app": ABOVE_SERVER,
+    "regproxy.server.budget": ABOVE_SERVER,
+    "regproxy.server.peer": ABOVE_SERVER,
+    # the web page sits beside the API handlers: server keys and stores, never the CLI
+    "regproxy.ui": ABOVE_SERVER,
 }
 #: the only package that imports inside functions (each command's module when it runs)
 LAZY_IMPORTS = "cli"
