@@ -109,7 +109,7 @@ def _fs_rig(tmp_path: Path) -> Rig:
         local=tmp_path / "temporary",
         twin=lambda: FsBackend(tmp),
         tick=0.05,
-        leftover_gap=1.0,
+        leftover_gap=0.6,
         leftover=leftover,
         leftovers=lambda: len(os.listdir(tmp)),
         residue=lambda: os.listdir(tmp),
@@ -208,6 +208,16 @@ def _read_all(rig: Rig, path: Path, start: int = 0, end: int | None = None) -> b
 
 
 # ---- whole small files --------------------------------------------------------------------
+
+
+def test_prepare_makes_folders_usable_and_is_idempotent(rig: Rig) -> None:
+    folders = [rig.path("blobs"), rig.path("repositories"), rig.path("tmp")]
+    rig.backend.prepare(folders)
+    rig.backend.prepare(folders)
+    assert rig.backend.names(rig.path("blobs")) == []
+    assert list(rig.backend.files(rig.path("repositories"))) == []
+    rig.backend.write_atomic(rig.path("blobs/sha256/ab/x"), b"x")
+    assert rig.backend.names(rig.path("blobs")) == ["sha256"]
 
 
 def test_read_and_write_atomic(rig: Rig) -> None:
@@ -635,7 +645,7 @@ def test_a_holder_makes_the_other_kind_wait(rig: Rig, held_exclusive: bool) -> N
     release = threading.Event()
     with _lock(rig.backend, rig, held_exclusive):
         acquired, thread = _acquire_in_thread(rig.twin(), rig, not held_exclusive, release)
-        assert not acquired.wait(0.6)
+        assert not acquired.wait(0.4)
     assert acquired.wait(10)
     release.set()
     thread.join(10)
@@ -687,7 +697,7 @@ def test_a_stalled_holder_does_not_free_its_successor(
         b_in, b = _acquire_in_thread(rig.twin(), rig, True, release_b)
         assert b_in.wait(10)
     c_in, c = _acquire_in_thread(rig.twin(), rig, True, release_c)
-    assert not c_in.wait(0.8), "the stalled holder freed its successor's lease"
+    assert not c_in.wait(0.5), "the stalled holder freed its successor's lease"
     release_b.set()
     b.join(10)
     assert c_in.wait(10)
