@@ -356,6 +356,10 @@ class S3Config:
     #: the endpoint presigned URLs name, when clients reach S3 by another address than
     #: regproxy does (a signature covers the host)
     public_endpoint: str | None = None
+    #: how long a process remembers what a pull read from S3 (a tag's digest, a manifest's
+    #: media type, a tag list, a blob's size and link): another process's push is seen at
+    #: most this late; "0s" asks S3 every time
+    metadata_ttl: Duration = Duration(1)
 
     def resolved_secret_access_key(self) -> Secret | None:
         """The secret key from its environment variable or file; None: the AWS chain."""

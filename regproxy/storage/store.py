@@ -13,9 +13,11 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from regproxy import manifest as mf
 from regproxy.digest import Digest
@@ -32,8 +34,12 @@ from regproxy.storage.backend import Backend
 from regproxy.storage.fs import FsBackend
 from regproxy.storage.layout import REPO_MARKERS, Layout
 
+T = TypeVar("T")
+
 #: entries of each small metadata cache before it starts over
 MAX_REMEMBERED = 100_000
+#: folders listed at once when walking the repositories of an object store
+LISTING_THREADS = 1
 
 
 class ManifestCache:
@@ -65,6 +71,39 @@ class ManifestCache:
                 self._bytes -= len(old)
 
 
+class Recall:
+    """Answers of an object store remembered for `ttl` seconds, per process.
+
+    On disk the metadata reads behind a pull cost a stat; on an object store each is a
+    request (~1.5 ms of client CPU with botocore), and a manifest GET by tag needs two.
+    Within `ttl` this process answers them from memory; its own writes forget what they
+    change at once, so it always reads its own writes. Another process's write (a push
+    through another replica, a gc) is seen at most `ttl` later ([s3] metadata_ttl).
+    """
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._items: dict[Hashable, tuple[float, object]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> tuple[bool, object]:
+        item = self._items.get(key)
+        if item is None or item[0] < time.monotonic():
+            return False, None
+        return True, item[1]
+
+    def put(self, key: Hashable, value: object) -> None:
+        with self._lock:
+            if len(self._items) >= MAX_REMEMBERED:
+                self._items.clear()
+            self._items[key] = (time.monotonic() + self.ttl, value)
+
+    def forget(self, *keys: Hashable) -> None:
+        with self._lock:
+            for key in keys:
+                self._items.pop(key, None)
+
+
 @dataclass(frozen=True, slots=True)
 class StoredManifest:
     digest: Digest
@@ -75,10 +114,16 @@ class StoredManifest:
 class Store:
     """One store root (pushed images or the proxy cache)."""
 
-    def __init__(self, root: Path, backend: Backend | None = None) -> None:
+    def __init__(
+        self, root: Path, backend: Backend | None = None, metadata_ttl: float = 0.0
+    ) -> None:
         self.layout = Layout(root)
         self.backend: Backend = backend or FsBackend(self.layout.tmp)
         self.manifests = ManifestCache()
+        #: an object store's pull-path answers, remembered briefly (see `Recall`); a local
+        #: store needs none: its reads are stats, checked by version below
+        remote = not self.backend.local and metadata_ttl > 0
+        self.recall: Recall | None = Recall(metadata_ttl) if remote else None
         # small metadata remembered with the file version it was read at (see `version`)
         self._media_types: dict[tuple[str, Digest], tuple[Hashable, str]] = {}
         self._tag_lists: dict[str, tuple[Hashable, tuple[str, ...]]] = {}
@@ -103,16 +148,34 @@ class Store:
     def has_blob(self, digest: Digest) -> bool:
         return self.backend.exists(self.layout.blob(digest))
 
+    def _recalled(self, key: Hashable, compute: Callable[[], T]) -> T:
+        """`compute()`, or what it gave within the last `metadata_ttl` (object stores)."""
+        if self.recall is None:
+            return compute()
+        hit, value = self.recall.get(key)
+        if hit:
+            return value  # type: ignore[return-value]  # stored by this very key's compute
+        value = compute()
+        self.recall.put(key, value)
+        return value
+
+    def _forget(self, *keys: Hashable) -> None:
+        if self.recall is not None:
+            self.recall.forget(*keys)
+
     def is_linked(self, name: str, digest: Digest) -> bool:
         """Whether the blob is visible in `name`: pushed or mounted there, or a manifest of it."""
-        return self.backend.exists(self.layout.layer(name, digest)) or self.backend.exists(
-            self.layout.revision(name, digest)
+        return self._recalled(
+            ("linked", name, digest),
+            lambda: self.backend.exists(self.layout.layer(name, digest))
+            or self.backend.exists(self.layout.revision(name, digest)),
         )
 
     def blob_size(self, name: str, digest: Digest) -> int:
         """Size of a blob visible in `name`; `BlobUnknown` otherwise."""
         if self.is_linked(name, digest):
-            size = self.backend.size(self.layout.blob(digest))
+            path = self.layout.blob(digest)
+            size = self._recalled(("size", digest), lambda: self.backend.size(path))
             if size is not None:
                 return size
         raise BlobUnknown(detail={"digest": str(digest)})
@@ -126,6 +189,7 @@ class Store:
         target = self.layout.blob(digest)
         if not self.backend.local:
             self._commit_remote(name, src, digest)
+            self._forget(("linked", name, digest), ("size", digest))
             return
         with self.shared_lock():
             if self.backend.exists(target):
@@ -163,9 +227,11 @@ class Store:
                 return False
             self.backend.touch(target)
             self.backend.ensure(self.layout.layer(name, digest))
+        self._forget(("linked", name, digest))
         return True
 
     def unlink_blob(self, name: str, digest: Digest) -> None:
+        self._forget(("linked", name, digest))
         if not self.backend.remove(self.layout.layer(name, digest)):
             raise BlobUnknown(detail={"digest": str(digest)})
 
@@ -223,13 +289,16 @@ class Store:
                 self.backend.ensure(self.layout.referrer(name, manifest.subject.digest, digest))
             if tag is not None:
                 self.set_tag(name, tag, digest)
+        self._forget(("media", name, digest), ("linked", name, digest))
         self.manifests.put(digest, data)
 
     def set_tag(self, name: str, tag: str, digest: Digest) -> None:
         self.backend.write_atomic(self.layout.tag(name, tag), str(digest).encode())
+        self._forget(("tag", name, tag), ("tags", name))
 
     def tag_digest(self, name: str, tag: str) -> Digest | None:
-        raw = self.backend.read(self.layout.tag(name, validate_tag(tag)))
+        path = self.layout.tag(name, validate_tag(tag))
+        raw = self._recalled(("tag", name, tag), lambda: self.backend.read(path))
         if raw is None:
             return None
         try:
@@ -268,6 +337,8 @@ class Store:
         (a new inode), a delete removes it.
         """
         path = self.layout.revision(name, digest)
+        if self.recall is not None:  # an object store: one read, remembered briefly
+            return self._recalled(("media", name, digest), lambda: self._read_media_type(path))
         version = self.backend.version(path)
         if version is None:
             return None
@@ -283,6 +354,10 @@ class Store:
             self._media_types.clear()
         self._media_types[key] = (version, media_type)
         return media_type
+
+    def _read_media_type(self, path: Path) -> str | None:
+        raw = self.backend.read(path)
+        return raw.decode(errors="replace").strip() if raw else None
 
     def get_manifest(self, name: str, reference: str) -> StoredManifest:
         """The manifest `reference` (tag or digest) of `name`: digest, media type, bytes."""
@@ -302,6 +377,7 @@ class Store:
         return self.backend.exists(self.layout.revision(name, digest))
 
     def delete_tag(self, name: str, tag: str) -> None:
+        self._forget(("tag", name, tag), ("tags", name))
         if not self.backend.remove(self.layout.tag(name, tag)):
             raise ManifestUnknown(detail={"tag": tag})
 
@@ -316,9 +392,11 @@ class Store:
         if not self.backend.exists(revision):
             raise ManifestUnknown(detail={"digest": str(digest)})
         data = self.manifests.get(digest) or self.backend.read(self.layout.blob(digest))
+        self._forget(("media", name, digest), ("linked", name, digest), ("tags", name))
         with self.shared_lock() if lock else contextlib.nullcontext():
             for tag in self.tags(name, missing_ok=True):
                 if self.tag_digest(name, tag) == digest:
+                    self._forget(("tag", name, tag))
                     self.backend.remove(self.layout.tag(name, tag))
             self.backend.remove(revision)
             if data is not None:
@@ -348,6 +426,13 @@ class Store:
 
     def tags(self, name: str, missing_ok: bool = False) -> list[str]:
         """Sorted tags of `name`; `NameUnknown` when the repository does not exist."""
+        if self.recall is not None:  # an object store: one listing, remembered briefly
+            found = self._recalled(("tags", name), lambda: self._list_tags(name))
+            if found is None:
+                if not missing_ok:
+                    raise NameUnknown(detail={"name": name})
+                return []
+            return list(found)
         folder = self.layout.tags_dir(name)
         version = self.backend.version(folder)
         if version is None and not missing_ok and not self.repository_exists(name):
@@ -359,17 +444,38 @@ class Store:
             self._tag_lists[name] = (version, tuple(tags))
         return tags
 
+    def _list_tags(self, name: str) -> tuple[str, ...] | None:
+        """The tags of `name` from one listing of the repository (its `_tags/` folder's
+        entries); None when it is no repository."""
+        folder = self.layout.tags_dir(name)
+        tags = self.backend.names(folder)
+        if not tags and not self.repository_exists(name):
+            return None
+        return tuple(sorted(tags))
+
     def repositories(self) -> list[str]:
-        """Every repository name in the store, sorted."""
+        """Every repository name in the store, sorted.
+
+        One listing per folder above the repositories' metadata. On an object store each
+        listing is a round trip, so the folders of one depth are listed together
+        (`LISTING_THREADS` at a time): a thousand repositories cost a thousand requests
+        either way, but not a thousand round trips in a row.
+        """
         found: list[str] = []
         pending = [""]
-        while pending:  # one listing per folder above the repositories' metadata
-            prefix = pending.pop()
-            folder = self.layout.repositories / prefix if prefix else self.layout.repositories
-            entries = self.backend.names(folder)
-            if prefix and any(entry in REPO_MARKERS for entry in entries):
-                found.append(prefix)
-            pending += [f"{prefix}/{e}" if prefix else e for e in entries if not e.startswith("_")]
+        threads = 1 if self.backend.local else LISTING_THREADS
+        with ThreadPoolExecutor(threads, thread_name_prefix="regproxy-list") as pool:
+            while pending:
+                root = self.layout.repositories
+                folders = [root / prefix if prefix else root for prefix in pending]
+                names = self.backend.names
+                listings = pool.map(names, folders) if threads > 1 else map(names, folders)
+                deeper: list[str] = []
+                for prefix, entries in zip(pending, listings, strict=True):
+                    if prefix and any(entry in REPO_MARKERS for entry in entries):
+                        found.append(prefix)
+                    deeper += [f"{prefix}/{e}" if prefix else e for e in entries if e[:1] != "_"]
+                pending = deeper
         return sorted(found)
 
     def revisions(self, name: str) -> list[tuple[Digest, float]]:

@@ -52,7 +52,7 @@ def open_store(location: StorageLocation, settings: S3Config) -> Store:
     presigner = s3_client(settings, public=True) if settings.public_endpoint else client
     root = store_root(location)
     backend = S3Backend(client, location.bucket, location.prefix, PurePosixPath(root), presigner)
-    return Store(root, backend)
+    return Store(root, backend, metadata_ttl=settings.metadata_ttl)
 
 
 def probe_stores(locations: list[StorageLocation], settings: S3Config) -> None:

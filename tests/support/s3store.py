@@ -12,7 +12,10 @@ from tests.support.seaweed import ACCESS_KEY, SECRET_KEY, SeaweedS3
 
 
 def s3_table(engine: SeaweedS3, folder: Path, **extra: Any) -> dict[str, Any]:
-    """An `[s3]` table for `engine`, the secret in a file (never in the configuration)."""
+    """An `[s3]` table for `engine`, the secret in a file (never in the configuration).
+
+    `metadata_ttl` is 0 unless a test asks otherwise: most tests change a store from one
+    process (a command) and check at once what another (the server) answers."""
     secret = folder / "s3-secret"
     folder.mkdir(parents=True, exist_ok=True)
     secret.write_text(SECRET_KEY + "\n")
@@ -21,6 +24,7 @@ def s3_table(engine: SeaweedS3, folder: Path, **extra: Any) -> dict[str, Any]:
         "region": "us-east-1",
         "access_key_id": ACCESS_KEY,
         "secret_access_key_file": str(secret),
+        "metadata_ttl": "0s",
         **extra,
     }
 
