@@ -39,7 +39,7 @@ T = TypeVar("T")
 #: entries of each small metadata cache before it starts over
 MAX_REMEMBERED = 100_000
 #: folders listed at once when walking the repositories of an object store
-LISTING_THREADS = 1
+LISTING_THREADS = 16
 
 
 class ManifestCache:
