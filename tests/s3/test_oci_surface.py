@@ -266,6 +266,13 @@ async def push_blobs(s: Session, c: Content) -> None:
         data=_stream(c.e, 8191),
     )
 
+    # an empty blob, and the same bytes pushed twice (the second commit finds the first)
+    empty = sha256(b"")
+    await s("empty blob", "POST", f"/v2/{app}/blobs/uploads/?digest={empty}", 201, data=b"")
+    await s(
+        "same blob again", "POST", f"/v2/{app}/blobs/uploads/?digest={sha256(c.a)}", 201, data=c.a
+    )
+
     # a wrong digest: refused, nothing stored
     url = await s.upload_url(app)
     wrong = await s("wrong digest", "PUT", f"{url}?digest={sha256(b'other')}", 400, data=c.small)
@@ -333,6 +340,12 @@ async def pull_blobs(s: Session, c: Content) -> None:
         assert head.headers["Docker-Content-Digest"] == sha256(data)
         got = await s(f"get {name}", "GET", f"/v2/{app}/blobs/{sha256(data)}", 200)
         assert got.body == data
+    empty = f"/v2/{app}/blobs/{sha256(b'')}"
+    head = await s("head empty", "HEAD", empty, 200)
+    assert head.headers["Content-Length"] == "0"
+    got = await s("get empty", "GET", empty, 200)
+    assert got.body == b""
+    await s("range of empty", "GET", empty, 416, headers={"Range": "bytes=0-0"})
     url = f"/v2/{app}/blobs/{sha256(c.c)}"
     size = len(c.c)
     digest = sha256(c.c)
