@@ -165,3 +165,34 @@ async def test_cached_blobs_redirect_too(
         assert fake.count("GET", "blob") == 1
     finally:
         await client.close()
+
+
+async def test_public_endpoint_names_the_redirect_host(
+    seaweed: SeaweedS3, s3_bucket: str, tmp_path: Path
+) -> None:
+    """Clients reach S3 by another name than regproxy does: the URL names (and is signed
+    for) `public_endpoint`, and works there."""
+    port = seaweed.ports["s3.port"]
+    public = f"http://localhost:{port}"
+    config = s3_config(
+        seaweed, s3_bucket, tmp_path, s3={"redirect": True, "public_endpoint": public}
+    )
+    client = await start_client(config)
+    data = os.urandom(70_000)
+    try:
+        async with client.post(f"/v2/a/blobs/uploads/?digest={sha256(data)}", data=data) as resp:
+            assert resp.status == 201
+        async with client.get(f"/v2/a/blobs/{sha256(data)}", allow_redirects=False) as resp:
+            assert resp.status == 307
+            location = resp.headers["Location"]
+        assert location.startswith(f"{public}/{s3_bucket}/"), location
+        async with aiohttp.ClientSession() as plain:
+            async with plain.get(location) as resp:
+                assert resp.status == 200
+                assert await resp.read() == data
+            # the signature covers the host: the same URL by the other name is refused
+            other = location.replace(public, seaweed.endpoint)
+            async with plain.get(other) as resp:
+                assert resp.status == 403
+    finally:
+        await client.close()
