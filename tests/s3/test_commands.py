@@ -345,3 +345,57 @@ async def test_closed_port_stops_every_command(seaweed: SeaweedS3, tmp_path: Pat
     started = time.monotonic()
     await _refusals(path, f"cannot reach the S3 endpoint http://127.0.0.1:{port}")
     assert time.monotonic() - started < 60
+
+
+#: seconds without a pull after which gc drops a cached repository in the test below
+MAX_AGE = 5
+
+
+async def test_gc_expires_and_evicts_the_s3_cache(site: Site, fake: FakeUpstream) -> None:
+    """`--proxy-max-size` evicts least-recently-pulled cached blobs, `--proxy-max-age`
+    drops repositories not pulled for that long; pushed images are never touched."""
+    pushed = make_image((50_000,))
+    await push_image(site.client, "mine", pushed, "v1")
+    old = fake.add_image("lib/old", "v1", layer_sizes=(100_000,))
+    new = fake.add_image("lib/new", "v1", layer_sizes=(100_000,))
+    pulled: dict[str, float] = {}
+    for image in (old, new):
+        repo = image.repo
+        pulled[repo] = time.time()
+        async with site.client.get(f"/v2/p/fake/{repo}/manifests/v1") as resp:
+            assert resp.status == 200
+        for blob in image.blobs:
+            async with site.client.get(f"/v2/p/fake/{repo}/blobs/{sha256(blob)}") as resp:
+                assert await resp.read() == blob
+        await asyncio.sleep(1.1)  # S3 times have whole seconds: lib/new is the more recent
+    registry_keys = site.keys("registry/blobs/")
+
+    ran = await site.cli("gc", "--proxy-max-size", "150KB", "--json")
+    eviction = ran.json()["eviction"]
+    assert eviction["blobs_removed"] >= 1 and eviction["size_after"] <= 150_000, eviction
+    cached = site.keys("proxy/blobs/")
+    assert blob_key("proxy", sha256(old.layers[0])) not in cached
+    assert blob_key("proxy", sha256(new.layers[0])) in cached
+
+    # lib/old was last pulled over MAX_AGE + 1 s ago (S3 times have whole seconds);
+    # lib/new is pulled again, well within MAX_AGE of the gc below (which takes a second or
+    # two to start)
+    await asyncio.sleep(max(0.0, pulled["lib/old"] + MAX_AGE + 1.2 - time.time()))
+    async with site.client.get("/v2/p/fake/lib/new/manifests/v1") as resp:
+        assert resp.status == 200
+    await asyncio.sleep(0.3)  # the pull is recorded in the background
+    ran = await site.cli("gc", "--proxy-max-age", f"{MAX_AGE}s", "--grace", "0", "--json")
+    proxy = ran.json()["stores"][1]
+    assert proxy["store"] == "proxy"
+    assert (proxy["tags_removed"], proxy["manifests_removed"]) == (1, 1), proxy
+    cached = site.keys("proxy/")
+    assert blob_key("proxy", old.digest) not in cached
+    assert blob_key("proxy", new.digest) in cached
+    assert not [k for k in cached if k.startswith("proxy/repositories/fake/lib/old/_tags/")]
+    assert site.keys("registry/blobs/") == registry_keys
+    await assert_pullable(site.client, "mine", pushed)
+
+    fake.reset_counts()
+    async with site.client.get("/v2/p/fake/lib/old/manifests/v1") as resp:
+        assert resp.status == 200 and resp.headers["X-Cache-Status"] == "MISS"
+    assert fake.count("GET", "manifest") == 1
