@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
@@ -26,6 +28,8 @@ from regproxy.storage.uploads import UploadSession
 
 #: One request at a time per session: an asyncio lock per live session id.
 SESSION_LOCKS = web.AppKey("upload_locks", weakref.WeakValueDictionary)
+#: seconds between tries of a PUT waiting for another process's request on its session
+SHARED_LOCK_POLL = 0.02
 
 
 def _session_lock(request: web.Request, upload_id: str) -> asyncio.Lock:
@@ -36,8 +40,31 @@ def _session_lock(request: web.Request, upload_id: str) -> asyncio.Lock:
     return lock
 
 
-def _progress_headers(session: UploadSession) -> dict[str, str]:
-    end = max(session.offset - 1, 0)
+@contextlib.asynccontextmanager
+async def _across_processes(
+    request: web.Request, session: UploadSession, wait: bool, catch_up: bool = True
+) -> AsyncIterator[None]:
+    """With several workers: hold the session's lock file for the request (a PATCH finding
+    it held fails like one finding the in-process lock held; a PUT waits), and take in what
+    other workers appended (`Uploads.acquire`). A PATCH leaves the digest so far behind."""
+    uploads = request.app[UPLOADS]
+    if not uploads.shared:
+        yield
+        return
+    offload = request.app[OFFLOAD]
+    while (fd := await offload.run(uploads.acquire, session, catch_up)) is None:
+        if not wait:
+            raise BlobUploadInvalid("another request is writing to this upload")
+        await asyncio.sleep(SHARED_LOCK_POLL)
+    try:
+        yield
+    finally:
+        release = offload.run(uploads.release, session, fd, not wait)
+        await asyncio.shield(release)
+
+
+def _progress_headers(session: UploadSession, offset: int | None = None) -> dict[str, str]:
+    end = max((session.offset if offset is None else offset) - 1, 0)
     return {
         "Location": f"/v2/{session.name}/blobs/uploads/{session.id}",
         "Range": f"0-{end}",
@@ -157,20 +184,23 @@ async def _finish(request: web.Request, session: UploadSession, monolithic: bool
     digest = _digest_param(request)
     uploads = request.app[UPLOADS]
     offload = request.app[OFFLOAD]
+    # a PUT without a body need not bring the running hash up to date: `finish` sees to it
+    catch_up = request.body_exists or "Content-Range" in request.headers
     async with _session_lock(request, session.id):
         # a request that waited for the lock may find the session finished or cancelled
         session = uploads.get(session.name, session.id, session.owner)
-        with uploads.using(session):  # not purged while it receives or commits
-            try:
-                await _receive_chunk(request, session)
-            except asyncio.CancelledError:
-                await _abort(request, session)
-                raise
-            except BaseException:
-                if monolithic:
-                    await offload.run(uploads.cancel, session)
-                raise
-            await offload.run(uploads.finish, session, digest, request.app[REGISTRY])
+        async with _across_processes(request, session, wait=True, catch_up=catch_up):
+            with uploads.using(session):  # not purged while it receives or commits
+                try:
+                    await _receive_chunk(request, session)
+                except asyncio.CancelledError:
+                    await _abort(request, session)
+                    raise
+                except BaseException:
+                    if monolithic:
+                        await offload.run(uploads.cancel, session)
+                    raise
+                await offload.run(uploads.finish, session, digest, request.app[REGISTRY])
     return _created(session.name, digest)
 
 
@@ -180,7 +210,7 @@ async def patch_upload(request: web.Request) -> web.Response:
     lock = _session_lock(request, session.id)
     if lock.locked():
         raise BlobUploadInvalid("another request is writing to this upload")
-    async with lock:
+    async with lock, _across_processes(request, session, wait=False):
         with request.app[UPLOADS].using(session):  # not purged mid-body
             try:
                 await _receive_chunk(request, session)
@@ -198,8 +228,11 @@ async def put_upload(request: web.Request) -> web.Response:
 
 async def upload_status(request: web.Request) -> web.Response:
     name = await local_name_for_write(request)
-    session = request.app[UPLOADS].get(name, request.match_info["upload_id"], _owner(request))
-    return web.Response(status=204, headers=_progress_headers(session))
+    uploads = request.app[UPLOADS]
+    session = uploads.get(name, request.match_info["upload_id"], _owner(request))
+    # with several workers, another one may be appending: the size on disk is the truth
+    offset = uploads.offset_on_disk(session)
+    return web.Response(status=204, headers=_progress_headers(session, offset))
 
 
 async def cancel_upload(request: web.Request) -> web.Response:
