@@ -2,6 +2,13 @@
 
 Cached content lives in `proxy_storage` under `<upstream>/<remote name>`, written
 with the same atomic, digest-checked store code as pushed images.
+
+Several workers (`shared`): a blob miss is claimed per digest (`flights.Claim`); the
+worker holding the claim fetches as a single process would, the others stream its spool
+file as it grows (their readers get the same guarantees: the last byte only after the
+commit, the connection cut if the fetch fails), so concurrent cold pulls through any
+workers cost the upstream one transfer. A stale tag is revalidated by one worker at a
+time; the others wait for it and read the tag it refreshed.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from regproxy.errors import (
     UpstreamUnavailable,
     object_store_error,
 )
-from regproxy.proxy.flights import BlobFlight, FlightFailed, SingleFlight
+from regproxy.proxy.flights import BlobFlight, Claim, FlightFailed, SingleFlight
 from regproxy.proxy.upstream import Upstream, UpstreamError, client_timeout
 from regproxy.reference import ProxyName, upstream_storage_key
 from regproxy.sockbody import BodyTimeout, BodyTruncated, TakenBody
@@ -51,6 +58,14 @@ CACHE_STATUS = "X-Cache-Status"
 _LINK_RE = re.compile(r'<([^>]*)>\s*;\s*rel="?next"?')
 #: A blob body read past aiohttp fails when the upstream sends nothing for this long.
 READ_TIMEOUT = client_timeout().sock_read or 60.0
+#: several workers: how often a follower looks at the claim holder's progress (seconds)
+FOLLOW_POLL = 0.01
+#: …and how long it waits for a holder that shows no progress before fetching by itself
+CLAIM_WAIT = 300.0
+
+
+class _HolderGone(Exception):
+    """The worker holding a claim failed or died before its spool could be followed."""
 
 
 @dataclass
@@ -155,8 +170,12 @@ class ProxyCache:
         store: Store,
         offload: Offload,
         session: aiohttp.ClientSession,
+        shared: bool = False,
     ) -> None:
         self.config = config
+        #: other processes (workers) share the temp folder and the store: claim fetches
+        self.shared = shared
+        self._claiming = SingleFlight()
         self.store = store
         self.offload = offload
         self.spool_dir = Path(config.temporary_registry_storage) / "spool"
@@ -266,8 +285,39 @@ class ProxyCache:
         if self._manifest_flights.joined(key):
             self.stats.count(self.stats.coalesced, target.upstream)
         return await self._manifest_flights.run(
-            key, lambda: self._revalidate(target, name, tag, local)
+            key, lambda: self._revalidate_once(target, name, tag, local)
         )
+
+    async def _revalidate_once(
+        self, target: ProxyName, name: str, tag: str, local: StoredManifest | None
+    ) -> CachedManifest:
+        """`_revalidate`, by one worker at a time: the others wait for it, then read the tag
+        it refreshed (and revalidate themselves only if it could not)."""
+        if not self.shared:
+            return await self._revalidate(target, name, tag, local)
+        key = of_bytes(f"{name}:{tag}".encode()).hex
+        claim = await self.offload.run(Claim.take, self.spool_dir / f"tag-{key}.claim")
+        try:
+            if not claim.holder:
+                give_up = asyncio.get_running_loop().time() + CLAIM_WAIT
+                while asyncio.get_running_loop().time() < give_up:
+                    if not await self.offload.run(claim.holder_alive):
+                        break
+                    await asyncio.sleep(FOLLOW_POLL)
+            # refreshed by another worker since this one found it stale?
+            ttl = self.config.proxy.upstreams[target.upstream].tag_ttl
+            age = await self.offload.metadata(
+                self.store.backend.local, self.store.tag_age, name, tag
+            )
+            if age is not None and age < ttl:
+                fresh = await self._local(name, tag)
+                if fresh is not None:
+                    return CachedManifest(fresh, HIT)
+            if not claim.holder:
+                local = await self._local(name, tag) if age is not None else None
+            return await self._revalidate(target, name, tag, local)
+        finally:
+            claim.release()
 
     async def _revalidate(
         self, target: ProxyName, name: str, tag: str, local: StoredManifest | None
@@ -376,20 +426,128 @@ class ProxyCache:
         flight = self._blob_flights.get(digest)
         if flight is not None:
             self.stats.count(self.stats.coalesced, target.upstream)
+        elif self.shared:
+            joined = self._claiming.joined(digest)
+            claimed = await self._claiming.run(
+                digest, lambda: self._claim_flight(target, name, digest)
+            )
+            if claimed is None:  # another worker fetched it meanwhile: it is in the store
+                self.stats.count(self.stats.coalesced, target.upstream)
+                self.stats.status(target.upstream, HIT)
+                return CachedBlob(digest, None, HIT)
+            flight = claimed
+            if joined or not flight.owns_spool:
+                self.stats.count(self.stats.coalesced, target.upstream)
         else:
             flight = await self._start_flight(target, name, digest)
         self.stats.status(target.upstream, MISS)
         return CachedBlob(digest, flight, MISS)
 
-    async def _start_flight(self, target: ProxyName, name: str, digest: Digest) -> BlobFlight:
+    async def _claim_flight(
+        self, target: ProxyName, name: str, digest: Digest
+    ) -> BlobFlight | None:
+        """Several workers: fetch the blob under a claim, or follow the worker that holds
+        it; None when that worker committed it before it could be followed."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + CLAIM_WAIT
+        while loop.time() < give_up:
+            claim = await self.offload.run(Claim.take, self.spool_dir / f"{digest.hex}.claim")
+            if claim.holder:
+                local = self.store.backend.local
+                if await self.offload.metadata(local, self.store.has_blob, digest):
+                    claim.release()  # committed by the worker that held it until now
+                    return None
+                return await self._start_flight(target, name, digest, claim)
+            try:
+                return await self._follow(claim, digest, give_up)
+            except _HolderGone:
+                continue  # it failed or died: claim it again (and maybe fetch it here)
+        log.warning("no progress on the fetch of %s by another worker: fetching it", digest)
+        return await self._start_flight(target, name, digest)
+
+    async def _follow(
+        self, claim: Claim | None, digest: Digest, give_up: float
+    ) -> BlobFlight | None:
+        """A flight reading another worker's spool, once that worker streams into it."""
+        assert claim is not None
+        try:
+            while asyncio.get_running_loop().time() < give_up:
+                state = await self.offload.run(claim.read)
+                if state.get("state") == Claim.COMMITTED:
+                    return None
+                if state.get("state") == Claim.FAILED:
+                    raise _HolderGone
+                spool_name = state.get("spool")
+                if state.get("state") == Claim.STREAMING and isinstance(spool_name, str):
+                    spool = self.spool_dir / os.path.basename(spool_name)
+                    try:
+                        fd = await self.offload.run(os.open, spool, os.O_RDONLY)
+                    except FileNotFoundError:  # committed or failed just now: look again
+                        continue
+                    flight = BlobFlight(digest, spool, fd)
+                    flight.owns_spool = False
+                    total = state.get("total")
+                    flight.start_streaming(total if isinstance(total, int) else None)
+                    self._blob_flights[digest] = flight
+                    self._background(self._mirror(flight, claim))
+                    claim = None  # the mirror releases it
+                    return flight
+                if not await self.offload.run(claim.holder_alive):
+                    raise _HolderGone
+                await asyncio.sleep(FOLLOW_POLL)
+            raise _HolderGone
+        finally:
+            if claim is not None:
+                claim.release()
+
+    async def _mirror(self, flight: BlobFlight, claim: Claim) -> None:
+        """Keep a followed flight in step with the holder's spool and last word."""
+        handle = flight.attach()  # the spool stays open while the mirror reads its size
+        try:
+            while True:
+                state, size, alive = await self.offload.run(claim.poll, handle.fileno())
+                done = state.get("state")
+                if size > flight.written:
+                    flight.advance(size - flight.written)
+                if done == Claim.COMMITTED:
+                    flight.commit()
+                    return
+                if done == Claim.FAILED:
+                    status = state.get("status")
+                    reason = str(state.get("reason") or "the fetching worker failed")
+                    flight.fail(FlightFailed(reason, status if isinstance(status, int) else None))
+                    return
+                if not alive:
+                    flight.fail(FlightFailed("the worker fetching the blob stopped"))
+                    return
+                await asyncio.sleep(FOLLOW_POLL)
+        except asyncio.CancelledError:
+            flight.fail(FlightFailed("fetch cancelled"))
+            raise
+        except OSError as exc:
+            flight.fail(FlightFailed(f"following another worker's fetch failed: {exc!r}"))
+        finally:
+            flight.detach(handle)
+            claim.release()
+            if self._blob_flights.get(flight.digest) is flight:
+                del self._blob_flights[flight.digest]
+
+    async def _start_flight(
+        self, target: ProxyName, name: str, digest: Digest, claim: Claim | None = None
+    ) -> BlobFlight:
         spool = self.spool_dir / f"{digest.hex[:16]}-{uuid.uuid4().hex}"
         fd = await self.offload.run(os.open, spool, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         existing = self._blob_flights.get(digest)
         if existing is not None:  # another request started one while we created the file
             await self.offload.run(os.close, fd)
             await self.offload.run(os.unlink, spool)
+            if claim is not None:
+                claim.release()
             return existing
         flight = BlobFlight(digest, spool, fd)
+        if claim is not None:
+            flight.claim = claim
+            claim.publish(Claim.CONNECTING, spool=spool.name)
         self._blob_flights[digest] = flight
         # owned by the app, not the request: a client that disconnects does not stop it
         self._background(self._fetch_blob(target, name, flight))
@@ -405,6 +563,9 @@ class ProxyCache:
                 if resp.status != 200:
                     raise FlightFailed(f"upstream answered {resp.status}", resp.status)
                 flight.start_streaming(resp.content_length)
+                if flight.claim is not None:
+                    claim = flight.claim
+                    claim.publish(Claim.STREAMING, spool=flight.spool.name, total=flight.total)
                 taken = upstream.take_body(resp)
                 if taken is not None:
                     await self._spool_direct(taken, flight, target.upstream)
@@ -418,6 +579,8 @@ class ProxyCache:
             if flight.total is not None and flight.written != flight.total:
                 raise FlightFailed(f"upstream sent {flight.written} of {flight.total} bytes")
             await self.offload.run(self.store.commit_blob, name, flight.spool, digest)
+            if flight.claim is not None:
+                flight.claim.publish(Claim.COMMITTED, size=flight.written)
             flight.commit()
             self.grew.set()
         except UpstreamError as exc:
@@ -440,6 +603,11 @@ class ProxyCache:
         finally:
             if self._blob_flights.get(digest) is flight:
                 del self._blob_flights[digest]
+            if flight.claim is not None:
+                if flight.state == flight.FAILED and flight.error is not None:
+                    error = flight.error
+                    flight.claim.publish(Claim.FAILED, reason=str(error), status=error.status)
+                flight.claim.release()
 
     async def _spool(self, resp: aiohttp.ClientResponse, flight: BlobFlight, upstream: str) -> None:
         """Stream the body into the spool while hashing (`storage.intake`)."""

@@ -5,12 +5,17 @@
 requester, the first included, reads the spool at its own pace; the last byte
 is only released once the digest has been verified and the blob committed, so
 a failed fetch can never look like a complete body.
+
+`Claim` extends both across processes that share a temp folder (`[server] workers`):
+one of them fetches, the others follow its spool file or wait for its result.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import json
 import os
 from collections.abc import AsyncGenerator, Awaitable, Callable, Hashable, Iterator, Sequence
 from pathlib import Path
@@ -68,6 +73,10 @@ class BlobFlight:
         self.error: FlightFailed | None = None
         self.readers = 0
         self._event = asyncio.Event()
+        #: the cross-process claim this process holds on the fetch (several workers)
+        self.claim: Claim | None = None
+        #: the spool is this flight's own (False: another process's, followed: never removed)
+        self.owns_spool = True
 
     # ---- writer side (the app-owned fetch task) ----------------------------------------
 
@@ -109,8 +118,9 @@ class BlobFlight:
     def fail(self, error: FlightFailed) -> None:
         self.state = self.FAILED
         self.error = error
-        with contextlib.suppress(OSError):
-            os.unlink(self.spool)
+        if self.owns_spool:
+            with contextlib.suppress(OSError):
+                os.unlink(self.spool)
         self._notify()
         self._maybe_close()
 
@@ -218,3 +228,93 @@ class SpoolSink:
             self.loop.call_soon_threadsafe(self.landed, len(block))
 
         yield write
+
+
+class Claim:
+    """One fetch claimed across processes (several workers on one temp folder): a file in
+    the spool folder that the fetching process holds an exclusive `flock` on.
+
+    The holder writes its progress into the file, one JSON line (`publish`): the spool
+    file's name once it has one, the size once the upstream answered, then `committed`
+    or `failed`. Other processes (followers) read it (`read`) and stream the holder's
+    spool as it grows, and see a holder that died without a last word by the lock being
+    free (the kernel releases it with the process). The holder removes the file when done;
+    a follower still reads the last state through its own descriptor.
+    """
+
+    CONNECTING, STREAMING, COMMITTED, FAILED = "connecting", "streaming", "committed", "failed"
+
+    def __init__(self, path: Path, fd: int, holder: bool) -> None:
+        self.path = path
+        self.fd = fd
+        self.holder = holder
+
+    @classmethod
+    def take(cls, path: Path) -> Claim:
+        """Hold the claim at `path`, or follow whoever holds it (blocking: offload it)."""
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return cls(path, fd, holder=False)
+            # the file may be one a finished holder just removed: then take a new one
+            mine = os.fstat(fd)
+            try:
+                there = os.stat(path)
+            except FileNotFoundError:
+                there = None
+            if there is None or (there.st_ino, there.st_dev) != (mine.st_ino, mine.st_dev):
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)  # what a holder that died left
+            return cls(path, fd, holder=True)
+
+    def publish(self, state: str, **fields: object) -> None:
+        """The holder's progress (a few bytes written in place: cheap enough inline)."""
+        line = json.dumps({"state": state, **fields}).encode() + b"\n"
+        with contextlib.suppress(OSError):
+            os.pwrite(self.fd, line, 0)
+            os.ftruncate(self.fd, len(line))
+
+    def read(self) -> dict:
+        """The holder's last published state ({} before its first)."""
+        data = os.pread(self.fd, 65536, 0)
+        line, newline, _ = data.partition(b"\n")
+        if not newline:
+            return {}
+        try:
+            state = json.loads(line)
+        except ValueError:
+            return {}  # caught in the middle of a rewrite: ask again
+        return state if isinstance(state, dict) else {}
+
+    def holder_alive(self) -> bool:
+        """Whether the holder still holds the claim (for a follower)."""
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        return False
+
+    def poll(self, spool_fd: int) -> tuple[dict, int, bool]:
+        """A follower's look: (the holder's state, the spool's size, holder alive or done)."""
+        state = self.read()
+        if state.get("state") not in (self.COMMITTED, self.FAILED) and not self.holder_alive():
+            state = self.read()  # its last word may have come just before it let go
+            if state.get("state") not in (self.COMMITTED, self.FAILED):
+                return state, os.fstat(spool_fd).st_size, False
+        return state, os.fstat(spool_fd).st_size, True
+
+    def release(self) -> None:
+        """Done with the claim: the holder removes its file first (if it still is its own)."""
+        if self.fd < 0:
+            return
+        if self.holder:
+            with contextlib.suppress(OSError):
+                mine, there = os.fstat(self.fd), os.stat(self.path)
+                if (there.st_ino, there.st_dev) == (mine.st_ino, mine.st_dev):
+                    os.unlink(self.path)
+        os.close(self.fd)
+        self.fd = -1
