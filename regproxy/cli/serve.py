@@ -24,36 +24,69 @@ from regproxy.errors import ConfigError
     default=None,
     help="Log level (overrides [log] level; default info).",
 )
-def serve(config_path: Path | None, listen: str | None, log_level: str | None) -> None:
+@click.option(
+    "--workers",
+    metavar="N|auto",
+    help='Processes serving the address together (overrides [server] workers; "auto": '
+    "one per core).",
+)
+def serve(
+    config_path: Path | None, listen: str | None, log_level: str | None, workers: str | None
+) -> None:
     """Run the registry server."""
     config = load_config(config_path)
+    server = config.server
     if listen is not None:
         try:
             config_mod.split_listen(listen)
         except ValueError as exc:
             fail(f"--listen: {exc}")
-        config = dataclasses.replace(
-            config, server=dataclasses.replace(config.server, listen=listen)
-        )
+        server = dataclasses.replace(server, listen=listen)
+    if workers is not None:
+        try:
+            count = config_mod.WorkerCount(config_mod.parse_workers(workers))
+        except ValueError as exc:
+            fail(f"--workers: {exc}")
+        server = dataclasses.replace(server, workers=count)
+    config = dataclasses.replace(config, server=server)
     create_dirs(config)
     from regproxy.server.logs import configure_logging
 
     configure_logging(config.log, log_level)
-    from regproxy.server.runner import ListenError
+    from regproxy.server.supervisor import WorkerStartError
 
     try:
-        asyncio.run(_serve(config))
-    except ConfigError as exc:
-        fail(f"configuration error: {exc}")
-    except ssl.SSLError as exc:
-        fail(f"cannot load the TLS certificate: {exc.reason or exc}")
-    except ListenError as exc:
-        fail(f"cannot listen on {exc.address}: {exc.strerror}")
-    except OSError as exc:  # not the address: the stores (a stray file, permissions, disk full)
-        where = f": {exc.filename}" if exc.filename else ""
-        fail(f"cannot start: {exc.strerror or exc}{where}")
+        if config.server.workers > 1:
+            from regproxy.server import supervisor
+
+            supervisor.run(config, __version__, config.server.workers, _start_failure)
+        else:
+            asyncio.run(_serve(config))
+    except WorkerStartError as exc:
+        fail(str(exc))
     except KeyboardInterrupt:
         pass
+    except Exception as exc:
+        message = _start_failure(exc)
+        if message is None:
+            raise
+        fail(message)
+
+
+def _start_failure(exc: BaseException) -> str | None:
+    """The one line that says why the server could not start, or None (a bug: traceback)."""
+    from regproxy.server.runner import ListenError
+
+    if isinstance(exc, ConfigError):
+        return f"configuration error: {exc}"
+    if isinstance(exc, ssl.SSLError):
+        return f"cannot load the TLS certificate: {exc.reason or exc}"
+    if isinstance(exc, ListenError):
+        return f"cannot listen on {exc.address}: {exc.strerror}"
+    if isinstance(exc, OSError):  # not the address: the stores (a stray file, permissions…)
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"cannot start: {exc.strerror or exc}{where}"
+    return None
 
 
 async def _serve(config: config_mod.Config) -> None:

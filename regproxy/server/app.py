@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
@@ -30,6 +31,14 @@ from regproxy.server import (
 from regproxy.server.budget import MemoryBudget
 from regproxy.server.keys import BODY_BUDGET, CONFIG, OFFLOAD, PROXY, PROXY_STORE, REGISTRY, UPLOADS
 from regproxy.server.middleware import add_api_version, errors_middleware
+from regproxy.server.workers import (
+    REPLICA,
+    WORKER,
+    Worker,
+    replica_hook,
+    replica_name,
+    unless_busy,
+)
 from regproxy.storage import gc
 from regproxy.storage.aio import Offload
 from regproxy.storage.layout import TEMP_MAX_AGE
@@ -112,7 +121,14 @@ async def _evict_proxy_forever(app: web.Application) -> None:
             await asyncio.wait_for(cache.grew.wait(), timeout=300)
         cache.grew.clear()
         try:
-            report = await app[OFFLOAD].run(gc.evict_lru, cache.store, budget)
+            evict: Callable[[], gc.EvictionReport | None]
+            evict = functools.partial(gc.evict_lru, cache.store, budget)
+            worker = app.get(WORKER)
+            if worker is not None:  # one worker at a time walks the cache
+                evict = functools.partial(unless_busy, worker.evict_lock, evict)
+            report = await app[OFFLOAD].run(evict)
+            if report is None:
+                continue
             app[metrics.METRICS].evicted(report.blobs_removed, report.bytes_freed)
             if report.blobs_removed:
                 log.info(
@@ -131,8 +147,14 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[OFFLOAD] = offload
     app[REGISTRY] = await offload.run(open_store, config.registry_storage, config.s3)
     app[PROXY_STORE] = await offload.run(open_store, config.proxy_storage, config.s3)
+    worker = app.get(WORKER)
     app[UPLOADS] = await offload.run(
-        Uploads, config.temporary_registry_storage, config.server.direct_writes
+        functools.partial(
+            Uploads,
+            config.temporary_registry_storage,
+            config.server.direct_writes,
+            lock_folder=worker.folder if worker is not None else None,
+        )
     )
     for store in (app[REGISTRY], app[PROXY_STORE]):
         # leftovers of writes a crash interrupted: never visible; young ones may belong to
@@ -141,7 +163,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             store.backend.sweep_leftovers, store.layout.tmp, TEMP_MAX_AGE, time.time(), False
         )
     session = ProxyCache.new_session()
-    app[PROXY] = ProxyCache(config, app[PROXY_STORE], offload, session)
+    app[PROXY] = ProxyCache(config, app[PROXY_STORE], offload, session, shared=worker is not None)
     tasks = [asyncio.create_task(_purge_uploads_forever(app))]
     if config.proxy_max_size is not None:
         tasks.append(asyncio.create_task(_evict_proxy_forever(app)))
@@ -154,7 +176,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     offload.close()
 
 
-def create_app(config: Config) -> web.Application:
+def create_app(config: Config, worker: Worker | None = None) -> web.Application:
+    """The application; `worker`: one of several processes serving one address (`workers`)."""
     authenticator = auth.Authenticator(config) if config.auth.enabled else None
     app = web.Application(
         # no auth middleware at all without auth: one coroutine less on every request
@@ -175,10 +198,14 @@ def create_app(config: Config) -> web.Application:
 
         app.on_cleanup.append(close_authenticator)
     app[CONFIG] = config
+    if worker is not None:
+        app[WORKER] = worker
+    app[REPLICA] = replica_name(config, worker)
     app[BODY_BUDGET] = MemoryBudget(config.server.body_memory)
     app[uploads.SESSION_LOCKS] = weakref.WeakValueDictionary()
     app.cleanup_ctx.append(_resources)
     app.on_response_prepare.append(add_api_version)
+    app.on_response_prepare.append(replica_hook(app[REPLICA]))
     _routes(app, authenticator)
     metrics.setup(app)  # after _resources: instruments the upstream clients it made
     health.setup(app)

@@ -11,16 +11,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
 from regproxy.aiohttp_adapter import DeadlineRunner
-from regproxy.config import Config
+from regproxy.config import Config, split_listen
 from regproxy.errors import ConfigError
 from regproxy.server import ops
 from regproxy.server.app import create_app
+from regproxy.server.keys import CONFIG
+from regproxy.server.workers import REPLICA, Worker, replica_hook
 
 log = logging.getLogger("regproxy")
 
@@ -73,24 +77,62 @@ def reload_tls(context: ssl.SSLContext, config: Config) -> None:
         log.error("TLS certificate reload failed, keeping the old one: %s", exc)
 
 
-async def serve(config: Config, version: str) -> None:
-    """Serve until SIGTERM or SIGINT; in-flight requests get `shutdown_timeout` to finish."""
-    app = create_app(config)
-    runner = GuardedRunner(
+def _runner(app: web.Application, config: Config) -> GuardedRunner:
+    return GuardedRunner(
         app,
         handle_signals=False,
         shutdown_timeout=config.server.shutdown_timeout,
         access_log=None,  # server.logs.access_middleware writes the access lines
         keepalive_timeout=KEEPALIVE_TIMEOUT,
     )
-    context = tls_context(config)
-    await runner.setup()
-    stop = asyncio.Event()
+
+
+def _handle_signals(stop: asyncio.Event, context: ssl.SSLContext | None, config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if context is not None:
         loop.add_signal_handler(signal.SIGHUP, reload_tls, context, config)
+
+
+async def _start_ops(
+    app: web.Application, sockets: list[socket.socket] | None = None
+) -> web.AppRunner | None:
+    """The `metrics.listen` listener (`ops.ops_app`), on `sockets` when the supervisor bound
+    them; its answers name the replica too. The caller cleans it up before `app`'s runner."""
+    listen = app[CONFIG].metrics.listen
+    if listen is None:
+        return None
+    ops_app = ops.ops_app(app)
+    ops_app.on_response_prepare.append(replica_hook(app[REPLICA]))
+    # access lines come from logs.access_middleware, as on the main listener
+    ops_runner = web.AppRunner(ops_app, handle_signals=False, access_log=None)
+    await ops_runner.setup()
+    try:
+        if sockets is None:
+            host, port = split_listen(listen)
+            await web.TCPSite(ops_runner, host, port).start()
+        else:
+            for sock in sockets:
+                await web.SockSite(ops_runner, sock).start()
+    except BaseException:
+        await ops_runner.cleanup()
+        raise
+    if sockets is None:
+        for address in ops_runner.addresses:
+            shown = f"[{address[0]}]" if ":" in address[0] else address[0]
+            log.info("metrics listening on http://%s:%d/metrics", shown, address[1])
+    return ops_runner
+
+
+async def serve(config: Config, version: str) -> None:
+    """Serve until SIGTERM or SIGINT; in-flight requests get `shutdown_timeout` to finish."""
+    app = create_app(config)
+    runner = _runner(app, config)
+    context = tls_context(config)
+    await runner.setup()
+    stop = asyncio.Event()
+    _handle_signals(stop, context, config)
     ops_runner: web.AppRunner | None = None
     try:
         site = web.TCPSite(
@@ -106,7 +148,7 @@ async def serve(config: Config, version: str) -> None:
             shown = f"[{host}]" if ":" in host else host
             log.info("regproxy %s listening on %s://%s:%d", version, scheme, shown, port)
         try:
-            ops_runner = await ops.start_listener(app)
+            ops_runner = await _start_ops(app)
         except OSError as exc:
             raise ListenError(str(config.metrics.listen), exc) from exc
         await stop.wait()
@@ -116,3 +158,48 @@ async def serve(config: Config, version: str) -> None:
             await ops_runner.cleanup()
         await runner.cleanup()
     log.info("stopped")
+
+
+async def serve_worker(
+    config: Config,
+    version: str,
+    worker: Worker,
+    sockets: list[socket.socket],
+    ops_sockets: list[socket.socket],
+    context: ssl.SSLContext | None,
+    ready: Callable[[], None],
+) -> None:
+    """Worker `worker.number` of a supervisor (`supervisor.py`): serve on the sockets it
+    bound until SIGTERM or SIGINT, like `serve`; `ready()` once they accept connections."""
+    app = create_app(config, worker)
+    runner = _runner(app, config)
+    await runner.setup()
+    stop = asyncio.Event()
+    _handle_signals(stop, context, config)
+    if context is None:  # a terminal's hang-up must not end a worker
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: None)
+    ops_runner: web.AppRunner | None = None
+    try:
+        for sock in sockets:
+            await web.SockSite(runner, sock, ssl_context=context, backlog=1024).start()
+        ops_runner = await _start_ops(app, ops_sockets)
+        log.debug("worker %d of regproxy %s serving", worker.number, version)
+        ready()
+        await stop.wait()
+        log.debug("worker %d shutting down: finishing in-flight requests", worker.number)
+    finally:
+        if ops_runner is not None:
+            await ops_runner.cleanup()
+        await runner.cleanup()
+
+
+def run_worker(
+    config: Config,
+    version: str,
+    worker: Worker,
+    sockets: list[socket.socket],
+    ops_sockets: list[socket.socket],
+    context: ssl.SSLContext | None,
+    ready: Callable[[], None],
+) -> None:
+    asyncio.run(serve_worker(config, version, worker, sockets, ops_sockets, context, ready))
