@@ -14,6 +14,11 @@ start-up (`_instrument_upstreams`).
 `gc` and `verify` run as separate processes (cron, systemd timer); each run can
 leave a small status file (`record_run`) in `temporary_registry_storage/status/`,
 which the scrape reports.
+
+Several workers (`[server] workers`): the families that count a process's own work
+(`Metrics.process`) are summed over the workers from the snapshots each writes, plus
+per-worker series (`regproxy_worker_*`); the rest is read once. Why snapshots rather than
+prometheus-client's multiprocess mode: see `workers.py`.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from regproxy import __version__
 from regproxy.config import Config
 from regproxy.proxy.upstream import Upstream, UpstreamError
+from regproxy.server import workers
 from regproxy.server.keys import CONFIG, OFFLOAD, PROXY, PROXY_STORE, REGISTRY
 from regproxy.storage.runs import STATUS_DIR, read_run
 from regproxy.storage.store import Store
@@ -95,6 +101,10 @@ class RequestMetrics:
         series.buckets[bisect_left(BUCKETS, seconds)] += 1
         series.received += received
         series.sent += sent
+
+    def answered(self) -> int:
+        """Requests answered so far (all series together)."""
+        return sum(s.count for s in list(self._series.values()))
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily(
@@ -230,28 +240,45 @@ def count_uploads(temp_root: Path) -> int:
 
 
 class Metrics:
-    """Every metric of one application, in its own registry (apps in one process never mix)."""
+    """Every metric of one application, in its own registry (apps in one process never mix).
 
-    def __init__(self, config: Config) -> None:
+    `process` holds what counts this process's own work (summed over workers); `registry`
+    is what a scrape renders: those families (or, for one worker of several, their sum over
+    all workers) and the ones read from shared state."""
+
+    def __init__(self, config: Config, worker: workers.Worker | None = None) -> None:
         self.config = config
-        self.registry = CollectorRegistry(auto_describe=False)
+        self.worker = worker
+        self.process = CollectorRegistry(auto_describe=False)
         self.requests = RequestMetrics()
-        self.upstreams = UpstreamMetrics(self.registry)
+        self.upstreams = UpstreamMetrics(self.process)
         self.evictions = Counter(
             "regproxy_proxy_evictions",
             "Runs of the server's LRU eviction of the proxy cache that removed something.",
-            registry=self.registry,
+            registry=self.process,
         )
         self.evicted_bytes = Counter(
             "regproxy_proxy_evicted_bytes",
             "Bytes removed from the proxy cache by the server's LRU eviction.",
-            registry=self.registry,
+            registry=self.process,
         )
         self.stores: dict[str, StoreTotals] = {}
         self.uploads = 0
         self.runs: dict[str, dict[str, Any]] = {}
         self._scan: asyncio.Task[None] | None = None
         self._app: web.Application | None = None
+        self.started = time.time()
+        #: one worker of several: every worker's last snapshot and the retired workers'
+        self.snapshots: list[dict[str, Any]] = []
+        self.retired: dict[str, Any] | None = None
+        self._snapshots: asyncio.Task[None] | None = None
+        self._writing = asyncio.Lock()  # this worker's snapshots reach the file in order
+        self.process.register(_ProcessCollector(self))
+        self.registry = CollectorRegistry(auto_describe=False)
+        if worker is None:
+            self.registry.register(_Forward(self.process))
+        else:
+            self.registry.register(_WorkersCollector(self))
         self.registry.register(_AppCollector(self))
 
     def evicted(self, blobs_removed: int, bytes_freed: int) -> None:
@@ -265,6 +292,9 @@ class Metrics:
         temp_root = self.config.temporary_registry_storage
         self.uploads = await offload.run(count_uploads, temp_root)
         self.runs = await offload.run(_read_runs, temp_root)
+        if self.worker is not None:
+            await self.write_snapshot(app)  # this worker's own figures as of this scrape
+            self.snapshots, self.retired = await offload.run(workers.read_snapshots, self.worker)
         interval = self.config.metrics.store_scan_interval
         newest = min((t.scanned_at for t in self.stores.values()), default=None)
         due = newest is None or time.time() - newest >= interval
@@ -283,6 +313,54 @@ class Metrics:
     def stop(self) -> None:
         if self._scan is not None:
             self._scan.cancel()
+        if self._snapshots is not None:
+            self._snapshots.cancel()
+
+    # ---- one worker of several ----------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """This process's own figures, as its siblings' scrapes read them (`workers.py`)."""
+        assert self.worker is not None
+        return {
+            "worker": self.worker.number,
+            "pid": os.getpid(),
+            "at": time.time(),
+            "started": self.started,
+            "cpu": time.process_time(),
+            "requests": self.requests.answered(),
+            "families": [family_json(f) for f in self.process.collect()],
+        }
+
+    async def write_snapshot(self, app: web.Application) -> None:
+        assert self.worker is not None
+        async with self._writing:
+            await app[OFFLOAD].run(workers.write_json, self.worker.snapshot, self.snapshot())
+
+    def start_snapshots(self, app: web.Application) -> None:
+        self._snapshots = asyncio.ensure_future(self._write_snapshots(app))
+
+    async def _write_snapshots(self, app: web.Application) -> None:
+        """Every `SNAPSHOT_INTERVAL` when this worker answered anything since (and at least
+        every 30 s, for its CPU time); once more when it stops."""
+        written, quiet, failing = -1, 0, False
+        try:
+            while True:
+                answered = self.requests.answered() + self.requests.in_flight
+                if answered != written or quiet >= 30:
+                    try:
+                        await self.write_snapshot(app)
+                        written, quiet, failing = answered, 0, False
+                    except OSError as exc:
+                        if not failing:
+                            log.warning("cannot write this worker's metrics snapshot: %s", exc)
+                        failing = True
+                else:
+                    quiet += 1
+                await asyncio.sleep(workers.SNAPSHOT_INTERVAL)
+        except asyncio.CancelledError:
+            with contextlib.suppress(OSError):
+                await self.write_snapshot(app)
+            raise
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -300,8 +378,38 @@ def _read_runs(temp_root: Path) -> dict[str, dict[str, Any]]:
     return found
 
 
-class _AppCollector:
-    """Families read from the application's state at scrape time."""
+def family_json(family: Metric) -> dict[str, Any]:
+    """A family as JSON (`workers.merge`'s form)."""
+    return {
+        "name": family.name,
+        "type": family.type,
+        "help": family.documentation,
+        "samples": [[s.name, dict(s.labels), s.value] for s in family.samples],
+    }
+
+
+def family_of(data: dict[str, Any]) -> Metric:
+    family = Metric(data["name"], data["help"], data["type"])
+    for name, labels, value in data["samples"]:
+        family.add_sample(name, labels, value)
+    return family
+
+
+class _Forward:
+    """The families of another registry (a single process: its own, as they are)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.source = registry
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.source.collect()
+
+
+class _ProcessCollector:
+    """Families counting this process's own work, read from its state at scrape time."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
@@ -312,12 +420,57 @@ class _AppCollector:
     def collect(self) -> Iterator[Metric]:
         m = self.metrics
         yield from m.requests.collect()
-        yield GaugeMetricFamily(
-            "regproxy_uploads_in_progress", "Open upload sessions.", value=m.uploads
-        )
         app = m._app
         if app is not None and PROXY in app:
             yield from _proxy_families(app)
+
+
+class _WorkersCollector:
+    """One worker of several: the process families summed over every worker's last
+    snapshot (this one's written by the scrape itself) and the retired workers', and
+    per-worker series. Only files, never this worker's live figures: whichever worker
+    answers, a total never goes backwards from one scrape to the next."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        assert m.worker is not None
+        parts = [s.get("families", []) for s in m.snapshots]
+        if m.retired is not None:
+            parts.append(m.retired.get("families", []))
+        for family in workers.merge(parts):
+            yield family_of(family)
+        yield GaugeMetricFamily(
+            "regproxy_workers", "Worker processes serving the address.", value=m.worker.count
+        )
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
+        for name, kind, text, number, value in workers.per_worker(m.snapshots, m.retired):
+            if name not in families:
+                make = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                families[name] = make(name, text, labels=["worker"])
+            families[name].add_metric([number], value)
+        yield from families.values()
+
+
+class _AppCollector:
+    """Families read from shared state at scrape time (the same whichever worker answers)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.metrics
+        yield GaugeMetricFamily(
+            "regproxy_uploads_in_progress", "Open upload sessions.", value=m.uploads
+        )
         yield from _store_families(m.stores)
         yield from _run_families(m.runs)
         yield _info()
@@ -476,14 +629,18 @@ async def _instrument_upstreams(app: web.Application) -> AsyncIterator[None]:
     if PROXY in app:
         for upstream in app[PROXY].upstreams.values():
             metrics.upstreams.instrument(upstream)
+    if metrics.worker is not None:
+        metrics.start_snapshots(app)
     yield
     metrics.stop()
+    if metrics._snapshots is not None:
+        await asyncio.gather(metrics._snapshots, return_exceptions=True)
 
 
 def setup(app: web.Application) -> None:
     """Create the app's metrics; serve /metrics here unless `metrics.listen` moves it."""
     config = app[CONFIG]
-    app[METRICS] = Metrics(config)
+    app[METRICS] = Metrics(config, app.get(workers.WORKER))
     app.cleanup_ctx.append(_instrument_upstreams)
     if config.metrics.listen is None:
         app.router.add_get(METRICS_PATH, scrape_handler(app), allow_head=False)
