@@ -324,6 +324,7 @@ async def test_missing_bucket_stops_every_command(seaweed: SeaweedS3, tmp_path: 
     await _refusals(path, "no such bucket 'no-such-bucket-here'")
 
 
+@pytest.mark.slow
 async def test_wrong_secret_stops_every_command(
     seaweed: SeaweedS3, s3_bucket: str, tmp_path: Path
 ) -> None:
@@ -333,6 +334,7 @@ async def test_wrong_secret_stops_every_command(
     assert bucket_keys(seaweed, s3_bucket) == [], "a refused command wrote to the bucket"
 
 
+@pytest.mark.slow
 async def test_closed_port_stops_every_command(seaweed: SeaweedS3, tmp_path: Path) -> None:
     port = free_port()  # nothing listens there
     path = write_s3_config(
@@ -351,6 +353,7 @@ async def test_closed_port_stops_every_command(seaweed: SeaweedS3, tmp_path: Pat
 MAX_AGE = 5
 
 
+@pytest.mark.slow
 async def test_gc_expires_and_evicts_the_s3_cache(site: Site, fake: FakeUpstream) -> None:
     """`--proxy-max-size` evicts least-recently-pulled cached blobs, `--proxy-max-age`
     drops repositories not pulled for that long; pushed images are never touched."""

@@ -58,6 +58,7 @@ async def _all_pages(client: TestClient, url: str, field: str) -> tuple[list[str
         url = match.group(1)
 
 
+@pytest.mark.slow
 async def test_more_than_one_page_of_tags_and_repositories(
     seaweed: SeaweedS3, s3_bucket: str, tmp_path: Path
 ) -> None:
