@@ -36,6 +36,10 @@ _URL_RE = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*)://")
 #: S3 bucket names (AWS's rules for general purpose buckets, which S3-compatibles accept)
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _HTTP_URL_RE = re.compile(r"https?://[^/\s]+(/\S*)?")
+#: a forward proxy: http://, optional credentials, a host and an optional port, no path
+_PROXY_URL_RE = re.compile(
+    r"http://(?:[^@/\s]*@)?(?:\[[0-9a-fA-F:.]+\]|[^:/@\s\[\]]+)(?::\d{1,5})?/?"
+)
 #: `[server] workers` above this is surely a typo (each worker is a whole process)
 MAX_WORKERS = 256
 #: what `[server] replica_name` may hold: it goes into a response header as it is
@@ -217,6 +221,14 @@ class UpstreamConfig:
     password_env: str | None = None
     password_file: Path | None = None
     tag_ttl: Duration = Duration(300)
+    #: forward proxy for this upstream's requests (`http://[user:pass@]host:port`); none:
+    #: HTTPS_PROXY / HTTP_PROXY / NO_PROXY from the environment
+    proxy: str | None = None
+    #: PEM CA certificate(s) trusted for this upstream besides the system's (a private CA)
+    ca_file: Path | None = None
+    #: PEM client certificate and key for mutual TLS with this upstream's host
+    tls_client_certificate: Path | None = None
+    tls_client_key: Path | None = None
 
     def resolved_password(self) -> Secret | None:
         """The password from the config, an environment variable or a file."""
@@ -412,6 +424,11 @@ class Config:
         return isinstance(self.registry_storage, S3Location) or isinstance(
             self.proxy_storage, S3Location
         )
+
+
+def _without_password(url: str) -> str:
+    """`url` with the password of its user info (if any) replaced by `***`."""
+    return re.sub(r"^([a-zA-Z][a-zA-Z0-9+.-]*://[^:@/]*:)[^@/]*@", r"\1***@", url)
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -633,6 +650,15 @@ def _validated(raw: dict[str, Any], base: Path, source: Path | None) -> Config:
     for name, upstream in config.proxy.upstreams.items():
         if not re.fullmatch(r"https?://[^/\s]+(/.*)?", upstream.url):
             raise ConfigError(f"proxy.upstreams.{name}.url: expected an http(s) URL")
+        if upstream.proxy and not _PROXY_URL_RE.fullmatch(upstream.proxy):
+            raise ConfigError(
+                f"proxy.upstreams.{name}.proxy: expected http://[user:password@]host:port, "
+                f"got {_without_password(upstream.proxy)!r} (only HTTP proxies are supported)"
+            )
+        if (upstream.tls_client_certificate is None) != (upstream.tls_client_key is None):
+            raise ConfigError(
+                f"proxy.upstreams.{name}.tls_client_certificate and tls_client_key go together"
+            )
         if not UPSTREAM_NAME_RE.fullmatch(name):
             raise ConfigError(
                 f"proxy.upstreams.{name}: an upstream is named like a registry host "

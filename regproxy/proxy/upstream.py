@@ -1,17 +1,36 @@
-"""One HTTP client per upstream registry: token challenge flow, redirects, timeouts.
+"""One HTTP client per upstream registry: token challenge flow, redirects, timeouts,
+forward proxies and TLS trust.
 
 Credentials go only to the upstream's own host: a redirect to another host
 (Docker Hub's CDN) is followed without the Authorization header, and the
 redirect target is never cached.
+
+Forward proxy: every request made for an upstream (the registry, its token realm,
+each redirect hop, the /readyz probe) picks its proxy by its own URL. With the
+upstream's `proxy` set, that proxy carries them all; otherwise `ProxyRules` from the
+environment as curl reads it: `https_proxy` for https:// URLs (tunnelled with
+CONNECT), `http_proxy` for http:// ones, each lower- or upper-case (lower-case
+first), and `no_proxy` naming hosts to reach directly (see `ProxyRules.bypass`).
+Unlike Go's clients, loopback addresses are not exempt unless `no_proxy` names them.
+
+TLS: an https:// URL is always verified, against the system's CAs plus the upstream's
+`ca_file`; its `tls_client_certificate` is offered to the upstream's own host only
+(a CDN it redirects to gets none). Plain http:// URLs stay allowed. A certificate
+problem is an `UpstreamError` that names the host and OpenSSL's reason.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import errno
+import ipaddress
 import logging
+import os
 import re
+import ssl
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlencode, urljoin, urlsplit
@@ -20,6 +39,7 @@ import aiohttp
 
 from regproxy.aiohttp_adapter import take_response_body
 from regproxy.config import Secret, UpstreamConfig
+from regproxy.errors import ConfigError
 from regproxy.manifest import ACCEPT_ALL
 from regproxy.sockbody import TakenBody, direct_length
 
@@ -30,6 +50,159 @@ MAX_REDIRECTS = 5
 TOKEN_MARGIN = 10.0
 #: manifests, tags, HEADs and tokens: a stalled upstream must not hold a pull for long
 SMALL_TIMEOUT = aiohttp.ClientTimeout(total=20, sock_connect=10)
+
+
+# ---- forward proxies -------------------------------------------------------------------
+
+
+def _default_port(scheme: str) -> int:
+    return 443 if scheme == "https" else 80
+
+
+def _proxy_url(value: str, where: str) -> str:
+    """A proxy setting as a URL: `host:port` means `http://host:port` (as curl reads it);
+    anything but an http:// proxy is an error naming `where` (never the password)."""
+    value = value.strip()
+    if "://" not in value:
+        value = "http://" + value
+    parts = urlsplit(value)
+    if parts.scheme.lower() != "http" or not parts.hostname:
+        shown = re.sub(r"//[^@/]*@", "//***@", value)
+        raise ConfigError(f"{where}: expected an http:// proxy, got {shown!r}")
+    return value.rstrip("/")
+
+
+def shown_proxy(url: str) -> str:
+    """A proxy URL fit for logs: the password, if any, replaced by `***`."""
+    return re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", url)
+
+
+@dataclass(frozen=True)
+class ProxyRules:
+    """Which forward proxy, if any, a URL goes through (curl's reading of the variables).
+
+    `no_proxy`: comma-separated entries; `*` (everything), a host name (itself and its
+    subdomains; a leading `.` or `*.` changes nothing), an IP address, a CIDR block
+    (`10.0.0.0/8`), each optionally with `:port` (only that port then). Case does not
+    matter, blanks around entries are ignored.
+    """
+
+    http: str | None = None
+    https: str | None = None
+    no_proxy: tuple[str, ...] = ()
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> ProxyRules:
+        env = os.environ if environ is None else environ
+
+        def read(name: str) -> str | None:
+            for variable in (name, name.upper()):
+                value = env.get(variable, "").strip()
+                if value:
+                    return _proxy_url(value, variable)
+            return None
+
+        no_proxy = next((env[v] for v in ("no_proxy", "NO_PROXY") if env.get(v, "").strip()), "")
+        entries = tuple(e.strip().lower() for e in no_proxy.split(",") if e.strip())
+        return cls(read("http_proxy"), read("https_proxy"), entries)
+
+    def proxy_for(self, url: str) -> str | None:
+        """The proxy for `url`, or None: connect directly."""
+        parts = urlsplit(url)
+        proxy = self.https if parts.scheme == "https" else self.http
+        if proxy is None or self.bypass(url):
+            return None
+        return proxy
+
+    def bypass(self, url: str) -> bool:
+        """Whether `no_proxy` sends `url` directly."""
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower().rstrip(".")
+        port = parts.port or _default_port(parts.scheme)
+        try:
+            address: ipaddress.IPv4Address | ipaddress.IPv6Address | None
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            address = None
+        return any(_no_proxy_matches(entry, host, address, port) for entry in self.no_proxy)
+
+
+def _no_proxy_matches(
+    entry: str,
+    host: str,
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+    port: int,
+) -> bool:
+    if entry == "*":
+        return True
+    # split off a port: `host:port`, `[v6]:port`, `1.2.3.4:port` (a bare v6 address has
+    # several colons and no port)
+    entry_port: int | None = None
+    if entry.startswith("["):
+        inside, _, rest = entry[1:].partition("]")
+        entry, entry_port = inside, int(rest[1:]) if rest[1:].isdigit() else None
+    elif entry.count(":") == 1:
+        name, _, digits = entry.partition(":")
+        if digits.isdigit():
+            entry, entry_port = name, int(digits)
+    if entry_port is not None and entry_port != port:
+        return False
+    if address is not None:
+        try:
+            return address in ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            return False  # a name never matches an IP address
+    name = entry.removeprefix("*").removeprefix(".").rstrip(".")
+    return bool(name) and (host == name or host.endswith("." + name))
+
+
+# ---- TLS -------------------------------------------------------------------------------
+
+
+def tls_contexts(name: str, config: UpstreamConfig) -> tuple[ssl.SSLContext | bool, ...]:
+    """(for the upstream's own host, for any other host): `True` (aiohttp's default
+    verification) when the upstream has neither a CA file nor a client certificate.
+    Files that cannot be read are `ConfigError`s naming the key."""
+    if config.ca_file is None and config.tls_client_certificate is None:
+        return True, True
+    key = f"proxy.upstreams.{name}"
+    contexts: list[ssl.SSLContext] = []
+    for with_client in (True, False):
+        context = ssl.create_default_context()  # CERT_REQUIRED, hostname checked
+        if config.ca_file is not None:
+            try:
+                context.load_verify_locations(cafile=str(config.ca_file))
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(
+                    f"{key}.ca_file: cannot load {config.ca_file}: {_ssl_reason(exc)}"
+                ) from None
+        if with_client and config.tls_client_certificate is not None:
+            try:
+                context.load_cert_chain(
+                    str(config.tls_client_certificate),
+                    str(config.tls_client_key) if config.tls_client_key else None,
+                )
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(
+                    f"{key}.tls_client_certificate: cannot load "
+                    f"{config.tls_client_certificate} with {config.tls_client_key}: "
+                    f"{_ssl_reason(exc)}"
+                ) from None
+        contexts.append(context)
+    return tuple(contexts)
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return exc.reason.lower().replace("_", " ")
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+# ---- errors ----------------------------------------------------------------------------
 
 
 class UpstreamError(Exception):
@@ -133,6 +306,12 @@ class Upstream:
         self.base = config.url.rstrip("/")
         self._host = urlsplit(self.base).netloc
         self._session = session
+        key = f"proxy.upstreams.{name}"
+        #: the upstream's own proxy for all its requests, or the environment's rules
+        self.proxy = _proxy_url(config.proxy, f"{key}.proxy") if config.proxy else None
+        self.proxy_rules = ProxyRules.from_environment() if self.proxy is None else None
+        self._tls_own, self._tls_other = tls_contexts(name, config)
+        self._client_certificate = config.tls_client_certificate is not None
         self._username = config.username
         self._password: Secret | None = config.resolved_password()
         self._tokens: dict[str, _Token] = {}
@@ -173,13 +352,18 @@ class Upstream:
         self.requests += 1
         try:
             async with self._session.get(
-                url, headers=headers, allow_redirects=True, timeout=SMALL_TIMEOUT
+                url,
+                headers=headers,
+                allow_redirects=True,
+                timeout=SMALL_TIMEOUT,
+                **self._connection(url),
             ) as resp:
                 if resp.status != 200:
                     raise UpstreamError(f"{self.name}: token endpoint answered {resp.status}", 401)
                 body = await resp.json(content_type=None)
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-            raise UpstreamError(f"token request failed: {_describe(exc)}") from None
+            reason = _describe(exc, url, self.proxy_for(url), self._client_certificate)
+            raise UpstreamError(f"{self.name}: token request failed: {reason}") from None
         value = body.get("token") or body.get("access_token") if isinstance(body, dict) else None
         if not isinstance(value, str) or not value:
             raise UpstreamError(f"{self.name}: token endpoint returned no token", 401)
@@ -205,6 +389,46 @@ class Upstream:
             self._tokens.pop(scope, None)
             await self._fetch_token(challenge, scope)
         return True
+
+    # ---- connections -------------------------------------------------------------------
+
+    def proxy_for(self, url: str) -> str | None:
+        """The forward proxy a request to `url` goes through (None: directly)."""
+        if self.proxy is not None:
+            return self.proxy
+        assert self.proxy_rules is not None
+        return self.proxy_rules.proxy_for(url)
+
+    def _connection(self, url: str) -> dict[str, Any]:
+        """aiohttp's `proxy` and `ssl` arguments for a request to `url`."""
+        own = urlsplit(url).netloc == self._host
+        return {"proxy": self.proxy_for(url), "ssl": self._tls_own if own else self._tls_other}
+
+    def _failure(self, method: str, url: str, exc: BaseException) -> UpstreamError:
+        """The `UpstreamError` for a request that got no answer, naming the upstream."""
+        reason = _describe(exc, url, self.proxy_for(url), self._client_certificate)
+        return UpstreamError(f"{self.name}: {method} {urlsplit(url).path}: {reason}")
+
+    async def probe(self, timeout: aiohttp.ClientTimeout) -> None:
+        """`GET /v2/` as /readyz's background probe: any answer below 500 is reachable.
+        Through the same proxy and TLS settings as every request; not counted."""
+        url = f"{self.base}/v2/"
+        try:
+            async with self._session.get(
+                url, allow_redirects=False, timeout=timeout, **self._connection(url)
+            ) as resp:
+                if resp.status < 500:
+                    self.state.succeeded()
+                else:
+                    self.state.failed(f"HTTP {resp.status}")
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            self._report(self._failure("GET", url, exc))
+
+    def _report(self, error: UpstreamError) -> None:
+        """Record a failure; log it when it is news (not the same reason again)."""
+        if self.state.last_error != str(error) or self.state.reachable is not False:
+            log.warning("upstream %s unreachable: %s", self.name, error)
+        self.state.failed(str(error))
 
     # ---- requests ----------------------------------------------------------------------
 
@@ -239,7 +463,10 @@ class Upstream:
         return resp
 
     def _completed(self, started: float, status: int | None, error: UpstreamError | None) -> None:
-        self.state.record(status, error)
+        if error is not None and error.status is None:  # no answer: unreachable
+            self._report(error)
+        else:
+            self.state.record(status, error)
         if self.observer is not None:
             self.observer.observe(self.name, time.perf_counter() - started, status, error)
 
@@ -286,9 +513,11 @@ class Upstream:
                     allow_redirects=False,
                     # the session's own timeout is what passing none at all means
                     timeout=SMALL_TIMEOUT if small else self._session.timeout,
+                    # each hop its own: a CDN host may be in NO_PROXY, or not
+                    **self._connection(url),
                 )
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                raise UpstreamError(f"{method} {urlsplit(url).path}: {_describe(exc)}") from None
+                raise self._failure(method, url, exc) from None
             if resp.status not in (301, 302, 303, 307, 308) or "Location" not in resp.headers:
                 return resp
             target = urljoin(url, resp.headers["Location"])
@@ -345,13 +574,42 @@ class Upstream:
             resp.release()
 
 
-def _describe(exc: BaseException) -> str:
-    """A short reason for logs and error messages (aiohttp reprs are long)."""
+def _describe(
+    exc: BaseException,
+    url: str | None = None,
+    proxy: str | None = None,
+    client_certificate: bool = False,
+) -> str:
+    """A short reason for logs and error messages (aiohttp reprs are long): what failed
+    where (the proxy, the TLS handshake with which host), never a proxy's password."""
     if isinstance(exc, asyncio.TimeoutError):
         return "timed out"
+    via = f" through proxy {shown_proxy(proxy)}" if proxy else ""
+    if isinstance(exc, aiohttp.ClientHttpProxyError):
+        target = urlsplit(url).netloc if url else "?"
+        return f"proxy {shown_proxy(proxy or '?')} answered {exc.status} {exc.message} for {target}"
+    if isinstance(exc, aiohttp.ClientProxyConnectionError):
+        return f"cannot connect to proxy {shown_proxy(proxy or '?')}: {_ssl_reason(exc.os_error)}"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return f"TLS with {exc.host}:{exc.port}{via}: {_ssl_reason(exc.certificate_error)}"
+    if isinstance(exc, aiohttp.ClientConnectorSSLError):
+        return f"TLS with {exc.host}:{exc.port}{via} failed: {_ssl_reason(exc.os_error)}"
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"cannot connect: {exc.os_error.strerror or exc.os_error}"
-    return str(exc) or type(exc).__name__
+        return f"cannot connect{via}: {_ssl_reason(exc.os_error)}"
+    reason = str(exc) or type(exc).__name__
+    if isinstance(exc, ssl.SSLError):
+        reason = _ssl_reason(exc)
+    closed = isinstance(exc, aiohttp.ServerDisconnectedError) or (
+        isinstance(exc, OSError) and exc.errno in (errno.ECONNRESET, errno.EPIPE)
+    )
+    tls = url is not None and urlsplit(url).scheme == "https"
+    if tls and (closed or "certificate required" in reason.lower()) and not client_certificate:
+        host = urlsplit(url or "").netloc
+        return (
+            f"{reason}{via} (TLS with {host}: a server that requires a client "
+            "certificate closes the connection like this; see tls_client_certificate)"
+        )
+    return f"{reason}{via}"
 
 
 def client_timeout() -> aiohttp.ClientTimeout:

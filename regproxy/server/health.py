@@ -157,18 +157,8 @@ class UpstreamProbes:
         return idle and time.monotonic() - self.started >= PROBE_INTERVAL
 
     async def run(self, upstreams: Iterable[Upstream]) -> None:
-        async with aiohttp.ClientSession(timeout=PROBE_TIMEOUT) as session:
-            await asyncio.gather(*(self._one(session, upstream) for upstream in upstreams))
-
-    async def _one(self, session: aiohttp.ClientSession, upstream: Upstream) -> None:
-        try:
-            async with session.get(f"{upstream.base}/v2/", allow_redirects=False) as resp:
-                if resp.status < 500:
-                    upstream.state.succeeded()
-                else:
-                    upstream.state.failed(f"HTTP {resp.status}")
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            upstream.state.failed(str(exc) or type(exc).__name__)
+        # each through its own client: the upstream's proxy and TLS settings apply
+        await asyncio.gather(*(upstream.probe(PROBE_TIMEOUT) for upstream in upstreams))
 
 
 PROBES = web.AppKey("upstream_probes", UpstreamProbes)
