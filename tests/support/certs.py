@@ -124,3 +124,31 @@ class TestCA:
         key_path.write_bytes(_key_pem(key))
         key_path.chmod(0o600)
         return ServerCert(cert_path, key_path, cert.public_bytes(serialization.Encoding.DER))
+
+    def issue_client(self, directory: Path, common_name: str = "regproxy") -> ServerCert:
+        """A client certificate (extended key usage clientAuth) for mutual TLS, written as
+        client.crt/client.key."""
+        directory.mkdir(parents=True, exist_ok=True)
+        key = _key()
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name(common_name))
+            .issuer_name(self._name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
+                critical=False,
+            )
+            .sign(self._key, hashes.SHA256())
+        )
+        cert_path, key_path = directory / "client.crt", directory / "client.key"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(_key_pem(key))
+        key_path.chmod(0o600)
+        return ServerCert(cert_path, key_path, cert.public_bytes(serialization.Encoding.DER))
