@@ -10,6 +10,7 @@ values of the wrong JSON type are dropped, and the templates escape the rest.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -416,7 +417,7 @@ def summarise_config(doc: dict[str, Any]) -> tuple[ConfigSummary, list[HistoryRo
             history.append(
                 HistoryRow(
                     _str(entry.get("created")),
-                    _str(entry.get("created_by")),
+                    _without_env_values(_str(entry.get("created_by"))),
                     _str(entry.get("comment")),
                     entry.get("empty_layer") is True,
                 )
@@ -473,3 +474,23 @@ def image_view(
         if config_doc is not None:
             view.config, view.history = summarise_config(config_doc)
     return view
+
+
+#: `ENV KEY=value …` as docker and buildkit write it into a config's history
+_ENV_STEP = re.compile(r"^(?P<head>(?:/bin/sh -c #\(nop\)\s*)?ENV\s+)(?P<rest>.*)$", re.DOTALL)
+_ENV_PAIR = re.compile(r"(?P<key>[A-Za-z_][A-Za-z0-9_]*)=(?:\"(?:[^\"\\]|\\.)*\"|\S*)")
+
+
+def _without_env_values(created_by: str | None) -> str | None:
+    """A history step that set environment variables shows their names, not their values:
+    the Environment section hides values until expanded, and history must not leak them."""
+    if not created_by:
+        return created_by
+    match = _ENV_STEP.match(created_by.strip())
+    if match is None:
+        return created_by
+    head, rest = match.group("head"), match.group("rest")
+    first = rest.split(maxsplit=1)[0] if rest.strip() else ""
+    if first and "=" not in first:  # the old form, `ENV KEY value`
+        return f"{head}{first} …"
+    return head + _ENV_PAIR.sub(lambda m: f"{m.group('key')}=…", rest)

@@ -333,3 +333,15 @@ async def test_snapshot_is_shared_with_metrics(open_ui: Pushed) -> None:
     await page(open_ui.client, "/")
     totals = app[METRICS].stores["registry"]
     assert totals.repositories == 4 and totals.blobs > 0 and totals.bytes > 0
+
+
+def test_history_steps_show_environment_names_not_values() -> None:
+    from regproxy.ui.views import _without_env_values as hide
+
+    assert (
+        hide('/bin/sh -c #(nop)  ENV PATH=/bin TOKEN="s e"')
+        == "/bin/sh -c #(nop)  ENV PATH=… TOKEN=…"
+    )
+    assert hide("ENV TOKEN abc def") == "ENV TOKEN …"
+    assert hide("RUN echo TOKEN=abc") == "RUN echo TOKEN=abc"
+    assert hide(None) is None
