@@ -14,7 +14,7 @@ from aiohttp import web
 
 from regproxy import ui
 from regproxy.aiohttp_adapter import request_handler_args
-from regproxy.config import Config
+from regproxy.config import Config, S3Location
 from regproxy.proxy.cache import ProxyCache
 from regproxy.server import (
     auth,
@@ -152,7 +152,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         functools.partial(
             Uploads,
             config.temporary_registry_storage,
-            config.server.direct_writes,
+            # a blob bound for an object store is read back at once to be uploaded: keep
+            # it in the page cache rather than writing it past it
+            config.server.direct_writes and not isinstance(config.registry_storage, S3Location),
             lock_folder=worker.folder if worker is not None else None,
         )
     )
