@@ -211,6 +211,8 @@ class UpstreamError(Exception):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+        #: why no answer came (a transport error), without the request: set by `Upstream`
+        self.reason: str | None = None
 
     @property
     def not_found(self) -> bool:
@@ -312,6 +314,7 @@ class Upstream:
         self.proxy_rules = ProxyRules.from_environment() if self.proxy is None else None
         self._tls_own, self._tls_other = tls_contexts(name, config)
         self._client_certificate = config.tls_client_certificate is not None
+        self._reported: str | None = None  # the last failure reason logged
         self._username = config.username
         self._password: Secret | None = config.resolved_password()
         self._tokens: dict[str, _Token] = {}
@@ -407,7 +410,9 @@ class Upstream:
     def _failure(self, method: str, url: str, exc: BaseException) -> UpstreamError:
         """The `UpstreamError` for a request that got no answer, naming the upstream."""
         reason = _describe(exc, url, self.proxy_for(url), self._client_certificate)
-        return UpstreamError(f"{self.name}: {method} {urlsplit(url).path}: {reason}")
+        error = UpstreamError(f"{self.name}: {method} {urlsplit(url).path}: {reason}")
+        error.reason = reason
+        return error
 
     async def probe(self, timeout: aiohttp.ClientTimeout) -> None:
         """`GET /v2/` as /readyz's background probe: any answer below 500 is reachable.
@@ -425,9 +430,12 @@ class Upstream:
             self._report(self._failure("GET", url, exc))
 
     def _report(self, error: UpstreamError) -> None:
-        """Record a failure; log it when it is news (not the same reason again)."""
-        if self.state.last_error != str(error) or self.state.reachable is not False:
+        """Record a failure; log it when it is news: the first since a success, or another
+        reason (whatever the path: one line for a thousand failing pulls)."""
+        reason = error.reason or str(error)
+        if self._reported != reason or self.state.reachable is not False:
             log.warning("upstream %s unreachable: %s", self.name, error)
+        self._reported = reason
         self.state.failed(str(error))
 
     # ---- requests ----------------------------------------------------------------------

@@ -95,6 +95,7 @@ async def test_without_ca_file_the_upstream_is_refused_and_the_reason_named(
     assert tls_fake.count(kind="manifest") == 0  # no request got past the handshake
     # the log names the upstream and the problem, once however many pulls fail
     assert (await proxy.manifest("team/app", "v1")).status == 503
+    assert (await proxy.manifest("team/other", "v2")).status == 503
     warnings = [r.getMessage() for r in caplog.records if r.name == "regproxy.upstream"]
     assert len(warnings) == 1, warnings
     assert "upstream private" in warnings[0] and "certificate verify failed" in warnings[0]
