@@ -399,6 +399,7 @@ class Supervisor:
         except BaseException:
             log.exception("worker %d failed", slot.number)
         finally:
+            logging.shutdown()  # os._exit skips atexit: write the access lines still queued
             os._exit(code)  # never back into the supervisor's stack
 
     # ---- the worker's side (after fork) -------------------------------------------------

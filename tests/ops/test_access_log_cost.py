@@ -247,11 +247,14 @@ def test_a_stalled_stream_holds_the_caller_instead_of_growing_without_bound() ->
     assert stream.getvalue().count("\n") == 1000
 
 
-@pytest.mark.parametrize("fmt", ["text", "json"])
-def test_sigterm_right_after_the_requests_loses_no_line(tmp_path: Path, fmt: str) -> None:
+@pytest.mark.parametrize(("fmt", "workers"), [("text", 1), ("json", 1), ("text", 2)])
+def test_sigterm_right_after_the_requests_loses_no_line(
+    tmp_path: Path, fmt: str, workers: int
+) -> None:
     """N requests, SIGTERM as soon as the last answer is read: N access lines, in order,
-    and "stopped" after them."""
-    server = RegproxyProcess(tmp_path, extra_config=f'[log]\nformat = "{fmt}"\n')
+    and "stopped" after them; with several workers too (each writes its own queue)."""
+    config = f'[server]\nworkers = {workers}\nshutdown_timeout = 0\n[log]\nformat = "{fmt}"\n'
+    server = RegproxyProcess(tmp_path, extra_config=config)
     server.start()
     assert server.process is not None and server.port is not None
     count = 400
