@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -15,6 +16,26 @@ from tests.support.inprocess import make_config, start_client
 from tests.support.podman import Podman
 from tests.support.seaweed import SeaweedS3
 from tests.support.skopeo import Skopeo
+
+#: upstream traffic honours these as curl does, loopback included (regproxy/proxy/upstream.py)
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "no_proxy", "all_proxy")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_forward_proxy_from_the_environment() -> Iterator[None]:
+    """A machine that reaches the internet through a proxy (HTTPS_PROXY in its
+    environment) must not send the suite's loopback upstreams through it; the tests of
+    forward proxies set the variables themselves."""
+    saved = {
+        name: os.environ.pop(name)
+        for base in PROXY_VARIABLES
+        for name in (base, base.upper())
+        if name in os.environ
+    }
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 @pytest.fixture
