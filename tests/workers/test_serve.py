@@ -321,3 +321,26 @@ async def test_one_worker_is_todays_single_process(tmp_path: Path) -> None:
             assert resp.headers["X-Regproxy-Replica"] == socket.gethostname()
     finally:
         srv.stop()
+
+
+async def test_the_metrics_listener_is_served_by_every_worker(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    srv = WorkersProcess(tmp_path / "srv", extra_config=f'[metrics]\nlisten = "127.0.0.1:{port}"\n')
+    srv.start()
+    try:
+        assert f"metrics listening on http://127.0.0.1:{port}/metrics" in srv.log_tail()
+        ops = f"http://127.0.0.1:{port}"
+        names = {srv.replica(1), srv.replica(2)}  # two registry requests
+        assert await replicas_answering(ops) == names
+        assert await replicas_answering(srv.url, 30) == names  # 30 more
+
+        async def counted() -> bool:
+            return v2_requests(await scrape(ops)) == 32
+
+        await wait_until(counted, timeout=5, what="the workers' snapshots")
+        async with aiohttp.ClientSession() as session, session.get(f"{ops}/readyz") as resp:
+            assert resp.status == 200
+    finally:
+        srv.stop()
