@@ -147,6 +147,11 @@ class SeaweedS3:
             "filer.localSocket": str(self.workdir / "filer.sock"),
             "webdav": "false",
             "admin.ui": "false",
+            # every bucket is a collection that grows volumes of its own (7 at first): the
+            # suite's one engine serves a bucket per test, so it needs many small volumes
+            # (the default allowance ran out after ~100 buckets: "no writable volumes")
+            "volume.max": "3000",
+            "master.volumeSizeLimitMB": "64",
             **{flag: str(port) for flag, port in self.ports.items()},
         }
         return [self.binary, "mini", *(f"-{k}={v}" for k, v in flags.items())]
