@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -86,6 +87,9 @@ def prefetch(
     as_json: bool,
 ) -> None:
     """Fetch images into the proxy cache (docker.io/library/alpine:3.20, p/<upstream>/…)."""
+    # the cache's own log lines (an upstream found unreachable, …) are for serve's log; here
+    # each image's outcome is reported once, by this command
+    logging.getLogger("regproxy").addHandler(logging.NullHandler())
     config = load_config(config_path)
     texts = list(images)
     if image_file is not None:
