@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+from regproxy.server.logs import LineWriter
+
 _LINE = re.compile(
     r'"(?P<method>[A-Z]+) (?P<target>/\S*) HTTP/[0-9.]+" (?P<status>\d{3}) \S+ '
     r'"(?:[^"\\]|\\.)*" "(?P<agent>(?:[^"\\]|\\.)*)"'
@@ -41,6 +43,10 @@ class AccessEntry:
         return parse_qs(urlsplit(self.target).query)
 
 
+#: a little over serve's batch window of access lines (regproxy/server/logs.py)
+SETTLE = 2 * LineWriter.BATCH_WINDOW
+
+
 class AccessLog:
     """The access lines of one server's log file, from a byte offset on."""
 
@@ -48,13 +54,18 @@ class AccessLog:
         self.path = path
 
     def mark(self) -> int:
-        """An offset to pass to :meth:`entries` to see only what comes after now."""
+        """An offset to pass to :meth:`entries` to see only what comes after now (after
+        the lines of requests already answered have been written)."""
+        time.sleep(SETTLE)
         try:
             return self.path.stat().st_size
         except FileNotFoundError:
             return 0
 
     def entries(self, since: int = 0) -> list[AccessEntry]:
+        """The lines after `since`, once those of requests already answered are written:
+        `serve` writes access lines in batches (`logs.LineWriter.BATCH_WINDOW`)."""
+        time.sleep(SETTLE)
         try:
             with open(self.path, "rb") as f:
                 f.seek(since)
