@@ -221,6 +221,9 @@ class Supervisor:
             self._announce()
             self._watch()
         finally:
+            # stopped: a late SIGTERM or SIGHUP must not turn the exit into a kill
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
 
     def _announce(self) -> None:
