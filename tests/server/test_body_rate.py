@@ -187,7 +187,10 @@ async def test_a_large_body_below_the_rate_is_cut_though_it_never_pauses(serve) 
     head = request_head("PATCH", location, CLOSE, length=len(data))
     elapsed, answer = await send_slowly(registry, head, data, piece=50 * 1024, every=0.5)
     assert 0.9 <= elapsed < 4.0, elapsed
-    assert status_of(answer) == 400, answer[:300]
+    # the 400 is sent, then the socket closed with the client's unread bytes in it: the
+    # kernel answers those with a reset, which can reach the client before it has read the
+    # 400 (then it sees the connection cut). Either way it is cut off in time.
+    assert answer == b"" or status_of(answer) == 400, answer[:300]
     offset = await upload_offset(registry.http, location)
     assert 0 < offset < len(data)
     assert registry.data_file(location).read_bytes() == data[:offset]
