@@ -166,6 +166,11 @@ cmp -s "$work/cached/blobs/sha256/${layer_digest#sha256:}" "$work/image/layer.ta
 metrics=$(get "$cache" /metrics) || die "GET /metrics"
 grep -Eq '^regproxy_proxy_requests_total\{[^}]*result="miss"[^}]*\} [1-9]' <<<"$metrics" ||
     die "no proxy misses in /metrics"
+# access lines are written in batches (every 50 ms): give the last ones a moment
+for _ in 1 2 3 4 5 6 7 8 9 10; do
+    grep -q '"logger": "regproxy.access"' "$work/cache.log" && break
+    sleep 0.2
+done
 grep -q '"logger": "regproxy.access"' "$work/cache.log" || die "no JSON access lines"
 say "pulled through the cache: layer identical, misses counted, JSON logs"
 
