@@ -44,6 +44,9 @@ class Backend(Protocol):
     #: trip: the server may make them on the event loop; large files can be sendfile'd
     local: bool
 
+    def describe(self, root: Path) -> str:
+        """The store at `root` as a person names it (a folder, `s3://bucket/prefix`)."""
+
     def prepare(self, folders: list[Path]) -> None:
         """Make the store usable (create its top folders; nothing for an object store)."""
 

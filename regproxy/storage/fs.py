@@ -110,6 +110,9 @@ class FsBackend:
     def __init__(self, tmp_dir: Path | None = None) -> None:
         self.tmp_dir = tmp_dir
 
+    def describe(self, root: Path) -> str:
+        return str(root)
+
     def prepare(self, folders: list[Path]) -> None:
         for folder in folders:
             folder.mkdir(parents=True, exist_ok=True)

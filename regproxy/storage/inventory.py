@@ -260,7 +260,7 @@ def scan_store(
         info.unique_size = scan.size_of(d for d in owned if users[d] == 1)
         info.shared_size = info.size - info.unique_size
     totals = StoreTotals(
-        kind, str(store.root), len(found), len(scan.sizes), sum(scan.sizes.values())
+        kind, store.location, len(found), len(scan.sizes), sum(scan.sizes.values())
     )
     return [info for info, _ in found], totals
 

@@ -129,6 +129,9 @@ class S3Backend:
                 return None
             raise
 
+    def describe(self, root: Path) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
     def prepare(self, folders: list[Path]) -> None:
         """Nothing to create: an object store has no folders."""
 

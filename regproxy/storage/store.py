@@ -133,6 +133,11 @@ class Store:
     def root(self) -> Path:
         return self.layout.root
 
+    @property
+    def location(self) -> str:
+        """Where the store is, as its configuration names it: a folder or `s3://…`."""
+        return self.backend.describe(self.layout.root)
+
     def shared_lock(self):
         """Held by every commit for a few milliseconds; gc's sweep takes it exclusively."""
         return self.backend.shared_lock(self.layout.lock)

@@ -154,7 +154,8 @@ async def test_ls(site: Site, fake: FakeUpstream) -> None:
     assert [s["kind"] for s in doc["stores"]] == ["local", "proxy"]
     local, proxy = doc["stores"]
     assert (local["repositories"], proxy["repositories"]) == (2, 1)
-    assert local["root"] != proxy["root"]
+    assert local["root"].startswith("s3://") and local["root"].endswith("/registry")
+    assert proxy["root"].startswith("s3://") and proxy["root"].endswith("/proxy")
     repos = {r["name"]: r for r in doc["repositories"]}
     assert list(repos) == ["p/fake/lib/tool", "team/big", "team/small"]
     assert repos["team/big"]["size"] > 300_000
