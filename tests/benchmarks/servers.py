@@ -20,12 +20,8 @@ from pathlib import Path
 
 from tests.support.processes import (
     REPO_ROOT,
-    ManagedProcess,
-    ProcessError,
     ReferenceRegistry,
     RegproxyProcess,
-    free_port,
-    http_status,
 )
 
 __all__ = ["REPO_ROOT", "Reference", "Regproxy", "S3Reference", "S3Regproxy", "S3Target", "Server"]
@@ -121,35 +117,9 @@ class S3Reference(Reference):
             "maintenance": {"uploadpurging": {"enabled": False}},
         }
 
-    def start(self, port: int | None = None, *, timeout: float = 30.0) -> None:
-        """As ``ReferenceRegistry.start``, with no ``AWS_*`` variable in its environment.
-
-        Its aws-sdk-go panics at start when ``AWS_CA_BUNDLE`` is set (as it is where a
-        proxy's CA is installed), and the keys come from the configuration anyway.
-        """
-        self.storage_dir.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("REGISTRY_", "AWS_"))}
-        for attempt in range(3):
-            self.port = port or free_port()
-            self._write_config(self.port)
-            self.process = ManagedProcess(
-                [self.binary, "serve", self.config_path],
-                name=self.name,
-                log_path=self.log_path,
-                env=env,
-            ).start()
-            try:
-                self.process.wait_for(
-                    lambda: http_status(f"{self.url}/v2/") == 200,
-                    timeout=timeout,
-                    what=f"GET {self.url}/v2/ == 200",
-                )
-                return
-            except ProcessError:
-                self.process.stop()
-                in_use = "address already in use" in self.process.log_text(current_run_only=True)
-                if not in_use or port is not None or attempt == 2:
-                    raise
+    #: and no ``AWS_*`` either: its aws-sdk-go panics at start when ``AWS_CA_BUNDLE`` is set
+    #: (as it is where a proxy's CA is installed), and the keys come from the configuration
+    dropped_env = ("REGISTRY_", "AWS_")
 
 
 class S3Regproxy(Regproxy):

@@ -340,6 +340,9 @@ class ReferenceRegistry(_ServerBase):
     """
 
     name = "docker-registry"
+    #: environment variables it must not see: it reads REGISTRY_* as config overrides
+    #: (REGISTRY_AUTH_FILE, set for podman/skopeo, would turn into a bogus auth section)
+    dropped_env: tuple[str, ...] = ("REGISTRY_",)
 
     def __init__(
         self,
@@ -383,9 +386,7 @@ class ReferenceRegistry(_ServerBase):
     def start(self, port: int | None = None, *, timeout: float = 30.0) -> None:
         """Start on ``port`` (default: a fresh free one), ready once ``/v2/`` answers 200."""
         self.storage_dir.mkdir(parents=True, exist_ok=True)
-        # The registry reads REGISTRY_* variables as config overrides (REGISTRY_AUTH_FILE,
-        # set for podman/skopeo, would turn into a bogus auth section): drop them.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(self.dropped_env)}
         for attempt in range(3):
             self.port = port or free_port()
             self._write_config(self.port)
