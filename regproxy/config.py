@@ -203,6 +203,10 @@ class ServerConfig:
     #: the `X-Regproxy-Replica` response header; none: the host name. With several workers
     #: `-<worker number>` is appended
     replica_name: str | None = None
+    #: the URL other replicas reach this one at (requests for its upload sessions and
+    #: the blobs it is fetching are forwarded there); none: http(s)://<listen host or,
+    #: for a wildcard address, the host's FQDN>:<port>
+    advertise_url: str | None = None
 
     @property
     def host(self) -> str:
@@ -632,6 +636,11 @@ def _validated(raw: dict[str, Any], base: Path, source: Path | None) -> Config:
     if replica is not None and not _REPLICA_RE.fullmatch(replica):
         raise ConfigError(
             f"server.replica_name: {replica!r} must be 1 to 128 letters, digits or ._:@+=-"
+        )
+    advertise = config.server.advertise_url
+    if advertise is not None and not re.fullmatch(r"https?://[^/\s?#]+/?", advertise):
+        raise ConfigError(
+            f"server.advertise_url: expected http(s)://host[:port] (no path), got {advertise!r}"
         )
     if config.log.format not in LOG_FORMATS:
         raise ConfigError(f'log.format: expected "text" or "json", got {config.log.format!r}')

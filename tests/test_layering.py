@@ -41,6 +41,7 @@ LAYERS = {
     "regproxy.storage.verify": ABOVE_STORAGE,
     "regproxy.storage.inventory": ABOVE_STORAGE,
     "regproxy.storage.intake": ABOVE_STORAGE,
+    "regproxy.storage.replicas": ABOVE_STORAGE,
     # boto3 only when a client is built: a store is on S3
     "regproxy.storage.s3client": [*ABOVE_STORAGE, "boto3", "botocore"],
     "regproxy.storage.s3": [*ABOVE_STORAGE, "boto3", "botocore"],

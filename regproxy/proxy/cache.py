@@ -48,6 +48,7 @@ from regproxy.reference import ProxyName, upstream_storage_key
 from regproxy.sockbody import BodyTimeout, BodyTruncated, TakenBody
 from regproxy.storage.aio import Offload
 from regproxy.storage.intake import take_in, take_in_direct
+from regproxy.storage.replicas import CLAIM_RENEW, Replica, Replicas
 from regproxy.storage.store import Store, StoredManifest
 
 log = logging.getLogger("regproxy.proxy")
@@ -107,6 +108,8 @@ class CachedBlob:
     digest: Digest
     flight: BlobFlight | None
     status: str
+    #: another replica is fetching it: relay the request there (`server.forward`)
+    elsewhere: Replica | None = None
 
 
 def cache_name(target: ProxyName) -> str:
@@ -171,11 +174,14 @@ class ProxyCache:
         offload: Offload,
         session: aiohttp.ClientSession,
         shared: bool = False,
+        replicas: Replicas | None = None,
     ) -> None:
         self.config = config
         #: other processes (workers) share the temp folder and the store: claim fetches
         self.shared = shared
         self._claiming = SingleFlight()
+        #: other hosts serve the same store: a fetch is claimed in the store too
+        self.replicas = replicas
         self.store = store
         self.offload = offload
         self.spool_dir = Path(config.temporary_registry_storage) / "spool"
@@ -415,8 +421,9 @@ class ProxyCache:
 
     # ---- blobs -------------------------------------------------------------------------
 
-    async def blob(self, target: ProxyName, digest: Digest) -> CachedBlob:
-        """A cached blob, or the flight that is fetching it (started if need be)."""
+    async def blob(self, target: ProxyName, digest: Digest, may_relay: bool = True) -> CachedBlob:
+        """A cached blob, or the flight that is fetching it (started if need be), or
+        (`may_relay`) the replica that fetches it."""
         self.upstream(target)
         name = cache_name(target)
         if await self.offload.metadata(self.store.backend.local, self.store.has_blob, digest):
@@ -424,6 +431,13 @@ class ProxyCache:
             self.stats.status(target.upstream, HIT)
             return CachedBlob(digest, None, HIT)
         flight = self._blob_flights.get(digest)
+        if flight is None and self.replicas is not None:
+            holder = await self._replica_claim(digest, self.replicas)
+            if holder is not None and may_relay:
+                self.stats.count(self.stats.coalesced, target.upstream)
+                self.stats.status(target.upstream, MISS)
+                return CachedBlob(digest, None, MISS, elsewhere=holder)
+            flight = self._blob_flights.get(digest)  # one may have started meanwhile
         if flight is not None:
             self.stats.count(self.stats.coalesced, target.upstream)
         elif self.shared:
@@ -551,7 +565,29 @@ class ProxyCache:
         self._blob_flights[digest] = flight
         # owned by the app, not the request: a client that disconnects does not stop it
         self._background(self._fetch_blob(target, name, flight))
+        if self.replicas is not None:
+            self._background(self._hold_replica_claim(flight, self.replicas))
         return flight
+
+    async def _replica_claim(self, digest: Digest, replicas: Replicas) -> Replica | None:
+        """The other replica fetching `digest`, or None (this one claimed it). A store
+        that fails the claim fails nothing else: the blob is fetched here."""
+        try:
+            return await self.offload.run(replicas.claim_blob, digest)
+        except Exception as exc:  # a claim only saves upstream traffic
+            log.warning("claiming the fetch of %s failed: %s", digest, exc)
+            return None
+
+    async def _hold_replica_claim(self, flight: BlobFlight, replicas: Replicas) -> None:
+        """Keep this replica's claim on a fetch alive while it runs; drop it after."""
+        try:
+            while flight.state in (flight.CONNECTING, flight.STREAMING):
+                with contextlib.suppress(asyncio.TimeoutError, FlightFailed):
+                    await asyncio.wait_for(flight.wait_done(), CLAIM_RENEW)
+                if flight.state in (flight.CONNECTING, flight.STREAMING):
+                    await self.offload.run(replicas.renew_blob, flight.digest)
+        finally:
+            await asyncio.shield(self.offload.run(replicas.release_blob, flight.digest))
 
     async def _fetch_blob(self, target: ProxyName, name: str, flight: BlobFlight) -> None:
         upstream = self.upstream(target)

@@ -29,7 +29,17 @@ from regproxy.server import (
     uploads,
 )
 from regproxy.server.budget import MemoryBudget
-from regproxy.server.keys import BODY_BUDGET, CONFIG, OFFLOAD, PROXY, PROXY_STORE, REGISTRY, UPLOADS
+from regproxy.server.forward import FORWARDER, Forwarder, advertise_url
+from regproxy.server.keys import (
+    BODY_BUDGET,
+    CONFIG,
+    OFFLOAD,
+    PROXY,
+    PROXY_STORE,
+    REGISTRY,
+    REPLICAS,
+    UPLOADS,
+)
 from regproxy.server.middleware import add_api_version, errors_middleware
 from regproxy.server.workers import (
     REPLICA,
@@ -42,6 +52,7 @@ from regproxy.server.workers import (
 from regproxy.storage import gc
 from regproxy.storage.aio import Offload
 from regproxy.storage.layout import TEMP_MAX_AGE
+from regproxy.storage.replicas import Replica, Replicas, local_id
 from regproxy.storage.stores import open_store
 from regproxy.storage.uploads import Uploads
 
@@ -148,6 +159,13 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[REGISTRY] = await offload.run(open_store, config.registry_storage, config.s3)
     app[PROXY_STORE] = await offload.run(open_store, config.proxy_storage, config.s3)
     worker = app.get(WORKER)
+    # this host among the replicas serving the same stores: its upload sessions and
+    # fetches are reached through it (`storage.replicas`, `server.forward`)
+    own_id = await offload.run(local_id, config.temporary_registry_storage)
+    own = Replica(own_id, advertise_url(config), replica_name(config, None))
+    replicas = app[REPLICAS] = Replicas(own, app[REGISTRY], app[PROXY_STORE])
+    await offload.run(replicas.register)
+    app[FORWARDER] = Forwarder(config, own_id)
     app[UPLOADS] = await offload.run(
         functools.partial(
             Uploads,
@@ -156,6 +174,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             # it in the page cache rather than writing it past it
             config.server.direct_writes and not isinstance(config.registry_storage, S3Location),
             lock_folder=worker.folder if worker is not None else None,
+            id_prefix=own_id,
         )
     )
     for store in (app[REGISTRY], app[PROXY_STORE]):
@@ -165,7 +184,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             store.backend.sweep_leftovers, store.layout.tmp, TEMP_MAX_AGE, time.time(), False
         )
     session = ProxyCache.new_session()
-    app[PROXY] = ProxyCache(config, app[PROXY_STORE], offload, session, shared=worker is not None)
+    app[PROXY] = ProxyCache(
+        config, app[PROXY_STORE], offload, session, shared=worker is not None, replicas=replicas
+    )
     tasks = [asyncio.create_task(_purge_uploads_forever(app))]
     if config.proxy_max_size is not None:
         tasks.append(asyncio.create_task(_evict_proxy_forever(app)))
@@ -175,6 +196,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(*tasks, return_exceptions=True)
     await app[PROXY].close()
     await session.close()
+    await app[FORWARDER].close()
     offload.close()
 
 

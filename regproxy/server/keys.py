@@ -10,6 +10,7 @@ from regproxy.config import Config
 from regproxy.proxy.cache import ProxyCache
 from regproxy.server.budget import MemoryBudget
 from regproxy.storage.aio import Offload
+from regproxy.storage.replicas import Replicas
 from regproxy.storage.store import Store
 from regproxy.storage.uploads import Uploads
 
@@ -20,6 +21,8 @@ UPLOADS = web.AppKey("uploads", Uploads)
 OFFLOAD = web.AppKey("offload", Offload)
 PROXY = web.AppKey("proxy_cache", ProxyCache)
 BODY_BUDGET = web.AppKey("body_budget", MemoryBudget)
+#: this replica and the others serving the same stores (`storage.replicas`)
+REPLICAS = web.AppKey("replicas", Replicas)
 
 #: per request: the signed-in user (None: anonymous), and "may this caller do ACTION on NAME?"
 USER: web.RequestKey[str | None] = web.RequestKey("user")

@@ -12,6 +12,7 @@ from regproxy.digest import Digest
 from regproxy.proxy.cache import CACHE_STATUS, HIT, MISS
 from regproxy.proxy.flights import BlobFlight, FlightFailed
 from regproxy.reference import ProxyName
+from regproxy.server.forward import FORWARDER, forwarded
 from regproxy.server.keys import CONFIG, OFFLOAD, PROXY
 from regproxy.server.responses import (
     blob_head_response,
@@ -47,7 +48,12 @@ async def get_blob(request: web.Request, target: ProxyName, digest: Digest) -> w
     if request.method == "HEAD" and not await offload.metadata(local, cache.store.has_blob, digest):
         size = await cache.blob_head(target, digest)
         return blob_head_response(request, digest, size, {CACHE_STATUS: MISS})
-    cached = await cache.blob(target, digest)
+    cached = await cache.blob(target, digest, may_relay=not forwarded(request))
+    if cached.elsewhere is not None:  # another replica is fetching it: read it there
+        relayed = await request.app[FORWARDER].relay(request, cached.elsewhere)
+        if relayed is not None:
+            return relayed
+        cached = await cache.blob(target, digest, may_relay=False)  # it is gone: fetch here
     flight = cached.flight
     if flight is None:
         offload = request.app[OFFLOAD]

@@ -12,6 +12,7 @@ from aiohttp import web
 from regproxy.digest import Digest
 from regproxy.errors import (
     BlobUploadInvalid,
+    BlobUploadUnknown,
     DigestInvalid,
     NameInvalid,
     RangeNotSatisfiable,
@@ -19,11 +20,13 @@ from regproxy.errors import (
 )
 from regproxy.reference import validate_name
 from regproxy.server.bodies import parse_content_range, pieces, take_body
-from regproxy.server.keys import CONFIG, MAY, OFFLOAD, REGISTRY, UPLOADS, USER
+from regproxy.server.forward import FORWARDER, forwarded
+from regproxy.server.keys import CONFIG, MAY, OFFLOAD, REGISTRY, REPLICAS, UPLOADS, USER
 from regproxy.server.names import local_name_for_write
 from regproxy.server.peer import client_address
 from regproxy.sockbody import BodyTimeout
 from regproxy.storage.intake import take_in, take_in_direct
+from regproxy.storage.replicas import owner_of
 from regproxy.storage.uploads import UploadSession
 
 #: One request at a time per session: an asyncio lock per live session id.
@@ -134,6 +137,28 @@ async def _receive_chunk(request: web.Request, session: UploadSession) -> None:
         raise SizeInvalid(f"received {received} bytes, Content-Range announced {expected}")
 
 
+async def _held_elsewhere(request: web.Request) -> web.StreamResponse | None:
+    """A session another replica holds (its id names it): relay the request there and
+    return the answer; None when the session is this host's (or nobody's)."""
+    upload_id = request.match_info["upload_id"]
+    replicas = request.app[REPLICAS]
+    owner_id = owner_of(upload_id)
+    if owner_id == replicas.own.id or len(upload_id) != 32 or forwarded(request):
+        return None
+    owner = await request.app[OFFLOAD].run(replicas.find, owner_id)
+    if owner is None or owner.url is None:
+        return None  # an id from before replicas, or made up: unknown here
+    response = await request.app[FORWARDER].relay(request, owner)
+    if response is None:  # its replica is gone, and the session with it
+        replicas.forget(owner_id)
+        raise BlobUploadUnknown(
+            f"the replica holding this upload ({owner.name}) cannot be reached: "
+            "start the upload again",
+            detail={"uuid": upload_id[:100]},
+        )
+    return response
+
+
 def _owner(request: web.Request) -> str | None:
     """Who an upload session belongs to: the user; without auth, nobody in particular."""
     return request.get(USER)
@@ -204,8 +229,10 @@ async def _finish(request: web.Request, session: UploadSession, monolithic: bool
     return _created(session.name, digest)
 
 
-async def patch_upload(request: web.Request) -> web.Response:
+async def patch_upload(request: web.Request) -> web.StreamResponse:
     name = await local_name_for_write(request)
+    if (relayed := await _held_elsewhere(request)) is not None:
+        return relayed
     session = request.app[UPLOADS].get(name, request.match_info["upload_id"], _owner(request))
     lock = _session_lock(request, session.id)
     if lock.locked():
@@ -220,14 +247,18 @@ async def patch_upload(request: web.Request) -> web.Response:
     return web.Response(status=202, headers=_progress_headers(session))
 
 
-async def put_upload(request: web.Request) -> web.Response:
+async def put_upload(request: web.Request) -> web.StreamResponse:
     name = await local_name_for_write(request)
+    if (relayed := await _held_elsewhere(request)) is not None:
+        return relayed
     session = request.app[UPLOADS].get(name, request.match_info["upload_id"], _owner(request))
     return await _finish(request, session, monolithic=False)
 
 
-async def upload_status(request: web.Request) -> web.Response:
+async def upload_status(request: web.Request) -> web.StreamResponse:
     name = await local_name_for_write(request)
+    if (relayed := await _held_elsewhere(request)) is not None:
+        return relayed
     uploads = request.app[UPLOADS]
     session = uploads.get(name, request.match_info["upload_id"], _owner(request))
     # with several workers, another one may be appending: the size on disk is the truth
@@ -235,8 +266,10 @@ async def upload_status(request: web.Request) -> web.Response:
     return web.Response(status=204, headers=_progress_headers(session, offset))
 
 
-async def cancel_upload(request: web.Request) -> web.Response:
+async def cancel_upload(request: web.Request) -> web.StreamResponse:
     name = await local_name_for_write(request)
+    if (relayed := await _held_elsewhere(request)) is not None:
+        return relayed
     uploads = request.app[UPLOADS]
     session = uploads.get(name, request.match_info["upload_id"], _owner(request))
     await request.app[OFFLOAD].run(uploads.cancel, session)

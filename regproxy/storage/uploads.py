@@ -88,9 +88,15 @@ class Uploads:
     """All upload sessions of one temp root."""
 
     def __init__(
-        self, temp_root: Path, direct_writes: bool = True, lock_folder: Path | None = None
+        self,
+        temp_root: Path,
+        direct_writes: bool = True,
+        lock_folder: Path | None = None,
+        id_prefix: str = "",
     ) -> None:
         self.root = Path(temp_root) / "uploads"
+        #: session ids start with it: the replica that holds the session (`replicas`)
+        self.id_prefix = id_prefix
         self.direct_from = DIRECT_FROM if direct_writes else None
         self.root.mkdir(parents=True, exist_ok=True)
         #: other processes serve the same sessions (see the module's docstring)
@@ -116,7 +122,7 @@ class Uploads:
     ) -> UploadSession:
         """A new session; `TooManyRequests` when `client` already holds `max_per_client`
         sessions or all clients together `max_total`."""
-        upload_id = uuid.uuid4().hex
+        upload_id = (self.id_prefix + uuid.uuid4().hex)[:32]
         folder = self.root / upload_id
         now = time.time()
         session = UploadSession(upload_id, name, folder, 0, new_hasher(), now, owner, now, client)

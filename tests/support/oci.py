@@ -217,7 +217,8 @@ def make_index(children: list[Image], media_type: str = mf.OCI_INDEX) -> tuple[b
 
 
 def stored_files(config: Config) -> set[str]:
-    """Every file in the registry store and the upload area, minus the lock file.
+    """Every file in the registry store and the upload area, minus the server's own
+    bookkeeping (the lock file, this host's replica id and its record, `storage.replicas`).
 
     Compare snapshots before and after a refused request to prove nothing was stored.
     """
@@ -229,7 +230,7 @@ def stored_files(config: Config) -> set[str]:
         for dirpath, _dirs, files in os.walk(root):
             for name in files:
                 rel = Path(dirpath, name).relative_to(root)
-                if str(rel) != "lock":
+                if str(rel) not in ("lock", "replica-id") and rel.parts[0] != "replicas":
                     found.add(f"{label}/{rel}")
     return found
 

@@ -74,16 +74,17 @@ async def serve_registry(
     *,
     shutdown_timeout: float = 60.0,
     client_ssl: ssl.SSLContext | None = None,
+    port: int = 0,
 ) -> ServedRegistry:
-    """Start `config` on a `GuardedRunner` on 127.0.0.1:<ephemeral>, with a client session
-    (`client_ssl`: how that session checks the server's certificate)."""
+    """Start `config` on a `GuardedRunner` on 127.0.0.1:`port` (0: ephemeral), with a client
+    session (`client_ssl`: how that session checks the server's certificate)."""
     app = create_app(config)
     runner = runner_mod.GuardedRunner(
         app, handle_signals=False, shutdown_timeout=shutdown_timeout, keepalive_timeout=75
     )
     await runner.setup()
     server_ssl = runner_mod.tls_context(config)
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ssl)
+    site = web.TCPSite(runner, "127.0.0.1", port, ssl_context=server_ssl)
     await site.start()
     port = int(runner.addresses[0][1])
     scheme = "https" if server_ssl is not None else "http"
