@@ -157,12 +157,15 @@ class Forwarder:
 
 
 def _peer_tls(config: Config) -> ssl.SSLContext | bool:
-    """Verify other replicas as clients verify this one: the system's CAs, and this
-    server's own certificate chain (a private CA or a self-signed certificate)."""
+    """Verify other replicas as clients verify this one: by the system's CAs, or by
+    this server's own certificate file as a trust anchor (replicas serve one certificate,
+    whoever signed it; the partial-chain flag lets a leaf or an intermediate anchor it).
+    `advertise_url` must name a host the certificate is for."""
     server = config.server
     if server.tls_certificate is None:
         return True
     context = ssl.create_default_context()
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     try:
         context.load_verify_locations(cafile=str(server.tls_certificate))
     except (OSError, ssl.SSLError) as exc:

@@ -130,7 +130,14 @@ BAD_UPLOAD_IDS = (
     "x" * 5000,
     "%C3%A9" * 10,
     "00000000-0000-0000-0000-000000000000",
+    # sessions another replica would hold: one registered in the store but unreachable
+    # (the fuzz run registers it), one nobody registered (`storage.replicas`)
+    "0badf00d" + "1" * 24,
+    "deadbeef" + "2" * 24,
+    "0badf00d/../../x",
 )
+#: the replica id the fuzz run registers with an address nobody listens on
+GHOST_REPLICA = "0badf00d"
 PAGE_NS = (
     "",
     "0",
@@ -988,6 +995,10 @@ class Generator:
             )
             request.headers.append((name, value))
             labels.append("long-header")
+        if rng.random() < 0.04:
+            value = rng.choice(["1", "", "0badf00d", "x" * 300, "é"])
+            request.headers.append(("X-Regproxy-Forwarded", value))
+            labels.append("forwarded")
         if rng.random() < 0.03 and request.method != "GET":
             request.headers.append(("Expect", rng.choice(["100-continue", "fuzz"])))
             labels.append("expect")

@@ -41,6 +41,7 @@ from regproxy.server import runner as runner_mod
 from tests.fuzz import raw
 from tests.fuzz.cases import (
     FUZZ_REPOS,
+    GHOST_REPLICA,
     PROTECTED,
     RANGES,
     UPSTREAM,
@@ -57,6 +58,7 @@ from tests.support.digests import sha256
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.inprocess import make_config
 from tests.support.oci import Image, make_image
+from tests.support.processes import free_port
 from tests.support.served import ServedRegistry, serve_registry
 from tests.support.tree import all_files, bad_blobs, unexpected_paths
 
@@ -114,7 +116,13 @@ def server_config(tmp_path: Path, mode: str, upstream_url: str) -> Config:
     }
     if mode != "none":
         keys["auth"] = auth_config(tmp_path, mode, rules=RULES)
-    return make_config(tmp_path, **keys)
+    config = make_config(tmp_path, **keys)
+    # a replica that holds sessions but cannot be reached: requests for them are refused
+    ghost = {"id": GHOST_REPLICA, "url": f"http://127.0.0.1:{free_port()}", "name": "ghost"}
+    record = Path(config.registry_storage) / "replicas" / GHOST_REPLICA
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(ghost))
+    return config
 
 
 async def prepare(session: aiohttp.ClientSession, world: World) -> None:

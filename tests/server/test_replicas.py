@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import ssl
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from regproxy.server.forward import FORWARDED_HEADER
 from regproxy.server.keys import REPLICAS
 from regproxy.server.workers import REPLICA_HEADER
 from tests.support.auth import auth_config, auth_header
+from tests.support.certs import TestCA
 from tests.support.digests import sha256
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.oci import envelope_codes
@@ -36,8 +38,11 @@ NAME = "team/app"
 async def start_replicas(tmp_path: Path) -> AsyncIterator[Any]:
     started: list[ServedRegistry] = []
 
-    async def start(count: int = 2, **extra: Any) -> list[ServedRegistry]:
+    async def start(
+        count: int = 2, client_ssl: ssl.SSLContext | None = None, **extra: Any
+    ) -> list[ServedRegistry]:
         shared = tmp_path / "shared"
+        server = extra.pop("server", {})
         for n in range(count):
             port = free_port()
             raw: dict[str, Any] = {
@@ -47,12 +52,13 @@ async def start_replicas(tmp_path: Path) -> AsyncIterator[Any]:
                 "server": {
                     "listen": f"127.0.0.1:{port}",
                     "replica_name": f"r{n}",
-                    "advertise_url": f"http://127.0.0.1:{port}",
+                    "advertise_url": f"{'https' if client_ssl else 'http'}://127.0.0.1:{port}",
+                    **server,
                 },
                 **extra,
             }
             config = config_mod.from_mapping(raw, tmp_path, environ={})
-            started.append(await serve_registry(config, port=port))
+            started.append(await serve_registry(config, port=port, client_ssl=client_ssl))
         return started[-count:]
 
     try:
@@ -109,6 +115,25 @@ async def test_a_chunked_upload_continues_on_whichever_replica_gets_each_request
     resp = await b.http.get(location)
     assert resp.status == 404
     assert envelope_codes(await resp.read()) == ["BLOB_UPLOAD_UNKNOWN"]
+
+
+async def test_replicas_serving_tls_relay_to_each_other_over_tls(
+    start_replicas: Any, tmp_path: Path
+) -> None:
+    """Each replica trusts the certificate it serves itself (issued by a private CA here,
+    the leaf alone in the file) when it relays to another."""
+    ca = TestCA(tmp_path / "ca")
+    cert = ca.issue(tmp_path / "cert")
+    client_ssl = ssl.create_default_context(cafile=str(ca.ca_file))
+    tls = {"tls_certificate": str(cert.certificate), "tls_key": str(cert.key)}
+    a, b = await start_replicas(client_ssl=client_ssl, server=tls)
+    resp = await a.http.post(f"/v2/{NAME}/blobs/uploads/")
+    location = resp.headers["Location"]
+    data = os.urandom(2 * 1024 * 1024)
+    resp = await b.http.put(location, params={"digest": sha256(data)}, data=data)
+    assert resp.status == 201, await resp.text()
+    resp = await a.http.get(f"/v2/{NAME}/blobs/{sha256(data)}")
+    assert await resp.read() == data
 
 
 async def test_a_relayed_request_is_authenticated_by_the_holder(

@@ -24,8 +24,12 @@ STORE_FILE = re.compile(
     rf"|repositories/{_NAME}/(?:_tags/{_TAG}|_manifests/{_DIGEST_PATH}|_layers/{_DIGEST_PATH}"
     rf"|_referrers/{_DIGEST_PATH}/(?:sha256-[0-9a-f]{{64}}|sha512-[0-9a-f]{{128}})|_pulled)"
     r"|tmp/\.tmp-[0-9a-f]{32}"
+    # replicas (`storage.replicas`): each one's record, claims on blob fetches
+    r"|replicas/[0-9a-f]{8}|claims/(?:sha256/[0-9a-f]{64}|sha512/[0-9a-f]{128})"
 )
-TEMP_FILE = re.compile(r"uploads/[0-9a-f]{32}/(?:data|info)|spool/[0-9a-f]{16}-[0-9a-f]{32}")
+TEMP_FILE = re.compile(
+    r"uploads/[0-9a-f]{32}/(?:data|info)|spool/[0-9a-f]{16}-[0-9a-f]{32}|replica-id"
+)
 
 
 def all_files(root: Path) -> set[Path]:
