@@ -20,7 +20,7 @@ import pytest
 from tests.support.tools import require_tool
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = {"push", "pull", "small", "image", "proxy", "verify", "gc"}
+SECTIONS = {"push", "pull", "small", "image", "proxy", "verify", "gc", "https"}
 
 
 def _children_of(pid: int) -> list[int]:

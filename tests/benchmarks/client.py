@@ -18,6 +18,7 @@ import hashlib
 import http.client
 import json
 import os
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -128,15 +129,29 @@ class Response:
 
 
 class Connection:
-    """One keep-alive HTTP/1.1 connection to a registry at ``host:port``."""
+    """One keep-alive HTTP/1.1 connection to a registry at ``host:port``; an ``https://``
+    base URL is verified against ``context`` (default: the system's CAs, which
+    ``SSL_CERT_FILE`` replaces)."""
 
-    def __init__(self, base_url: str, timeout: float = 300.0) -> None:
+    def __init__(
+        self, base_url: str, timeout: float = 300.0, context: ssl.SSLContext | None = None
+    ) -> None:
         parts = urlsplit(base_url)
         self.base = base_url.rstrip("/")
         assert parts.hostname == "127.0.0.1", "the benchmark only talks to loopback"
-        self.conn = http.client.HTTPConnection(
-            parts.hostname, parts.port, timeout=timeout, blocksize=SEND_BLOCK
-        )
+        self.conn: http.client.HTTPConnection
+        if parts.scheme == "https":
+            self.conn = http.client.HTTPSConnection(
+                parts.hostname,
+                parts.port,
+                timeout=timeout,
+                blocksize=SEND_BLOCK,
+                context=context or ssl.create_default_context(),
+            )
+        else:
+            self.conn = http.client.HTTPConnection(
+                parts.hostname, parts.port, timeout=timeout, blocksize=SEND_BLOCK
+            )
         self._buf = bytearray(MiB)
 
     def close(self) -> None:
@@ -164,17 +179,24 @@ class Connection:
         length: int | None = None,
         headers: dict[str, str] | None = None,
         keep_body: bool = True,
+        chunked: bool = False,
     ) -> Response:
-        """Send a request; the body is kept (``keep_body``) or counted and discarded."""
+        """Send a request; the body is kept (``keep_body``) or counted and discarded.
+        ``chunked``: the body goes with ``Transfer-Encoding: chunked``, one chunk per piece
+        the iterable yields (as Go's clients send an unsized body: docker, containerd)."""
         hdrs = dict(headers or {})
-        if body is not None or method in ("PUT", "PATCH", "POST"):
+        if chunked:
+            hdrs["Transfer-Encoding"] = "chunked"
+        elif body is not None or method in ("PUT", "PATCH", "POST"):
             if length is None:
                 if body is not None and not isinstance(body, bytes):
                     raise TypeError("an iterable body needs its length")
                 length = 0 if body is None else len(body)
             hdrs["Content-Length"] = str(length)
         try:
-            self.conn.request(method, self._target(url), body=body, headers=hdrs)
+            self.conn.request(
+                method, self._target(url), body=body, headers=hdrs, encode_chunked=chunked
+            )
             resp = self.conn.getresponse()
         except (ConnectionError, http.client.HTTPException):
             # a server may close an idle keep-alive connection: one retry on a fresh one,
@@ -248,6 +270,26 @@ class Connection:
             )
             location = resp.headers["location"]
         self.expect(201, "PUT", self._with_digest(location, blob.digest))
+
+    def push_chunked_encoding(self, repo: str, blob: Blob, piece: int) -> None:
+        """docker's and containerd's push: POST, one PATCH whose body is sent with
+        ``Transfer-Encoding: chunked`` in ``piece``-byte chunks (Go's io.Copy writes 32 KiB
+        at a time), then an empty PUT ``?digest=``."""
+        location = self._start_upload(repo)
+
+        def pieces() -> Iterator[memoryview | bytes]:
+            for start in range(0, blob.size, piece):
+                yield from blob.pieces(start, min(start + piece, blob.size))
+
+        resp = self.expect(
+            202,
+            "PATCH",
+            location,
+            body=pieces(),
+            chunked=True,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        self.expect(201, "PUT", self._with_digest(resp.headers["location"], blob.digest))
 
     def push_small(self, repo: str, data: bytes) -> str:
         """Monolithic push of a small blob; returns its digest."""

@@ -49,6 +49,9 @@ class Sizes:
     s3_blob: int
     s3_gc_blobs: int
     s3_gc_manifests: int
+    #: the HTTPS section (issue 16): concurrent readers' blob, docker-style chunked push
+    https_concurrent_size: int
+    https_chunked: int
 
     def buffer_size(self) -> int:
         return max(
@@ -85,6 +88,8 @@ FULL = Sizes(
     s3_blob=256 * MiB,
     s3_gc_blobs=10_000,
     s3_gc_manifests=1_000,
+    https_concurrent_size=256 * MiB,
+    https_chunked=512 * MiB,
 )
 
 QUICK = Sizes(
@@ -111,6 +116,8 @@ QUICK = Sizes(
     s3_blob=8 * MiB,
     s3_gc_blobs=400,
     s3_gc_manifests=40,
+    https_concurrent_size=4 * MiB,
+    https_chunked=4 * MiB,
 )
 
 

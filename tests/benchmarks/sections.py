@@ -573,6 +573,12 @@ def s3(b: Bench) -> None:
     run(b)
 
 
+def https(b: Bench) -> None:
+    from .https import https as run
+
+    run(b)
+
+
 SECTIONS: dict[str, Callable[[Bench], None]] = {
     "push": push,
     "pull": pull,
@@ -582,6 +588,7 @@ SECTIONS: dict[str, Callable[[Bench], None]] = {
     "verify": verify,
     "gc": gc,
     "s3": s3,
+    "https": https,
 }
 #: sections a ``--quick`` run leaves out unless named with ``--only``: CI's quick run
 #: must stay short, and starting SeaweedFS and four registries costs ~20 s
