@@ -31,7 +31,7 @@ from regproxy.config import ServerConfig
 
 from .haproxy import HAProxy
 from .processes import ProcessError, RegproxyProcess, free_port
-from .s3store import s3_section, s3_store_env
+from .s3store import s3_section
 from .seaweed import SeaweedS3
 
 REPLICA_HEADER = "X-Regproxy-Replica"
@@ -73,9 +73,7 @@ class Replica(RegproxyProcess):
         self.store = store
         self.server_config = server_config
         self.planned_port = 0
-        env = dict(env or {})
         if isinstance(store, S3Store):
-            env.update(s3_store_env(store.bucket))
             extra_config = s3_section(store.engine, workdir) + extra_config
         super().__init__(workdir, extra_config=extra_config, env=env)
         self.name = f"regproxy-{replica_name}"
@@ -107,10 +105,15 @@ class Replica(RegproxyProcess):
         ]
         if advertise_supported():
             server.append(f'advertise_url = "http://127.0.0.1:{port}"')
+        registry, proxy = str(self.storage_dir), str(self.proxy_storage_dir)
+        if isinstance(self.store, S3Store):
+            # in the file, not the environment: offline commands read the same file
+            registry = f"s3://{self.store.bucket}/registry"
+            proxy = f"s3://{self.store.bucket}/proxy"
         lines = [
-            f"registry_storage = {json.dumps(str(self.storage_dir))}",
+            f"registry_storage = {json.dumps(registry)}",
             f"temporary_registry_storage = {json.dumps(str(self.temporary_storage_dir))}",
-            f"proxy_storage = {json.dumps(str(self.proxy_storage_dir))}",
+            f"proxy_storage = {json.dumps(proxy)}",
             "",
             *server,
             self.server_config,
