@@ -10,16 +10,24 @@ python -m tests.workers.bench --quick         # 2 s loads, 1 repetition, small b
   worker that never saw the session is rebuilt from its data file (seconds per GiB, the
   file in the page cache), against `hashlib.sha256` over the same bytes in memory.
 - **small**: manifest GET by tag (`wrk -t2 -c64`, with an Accept header) and blob HEAD
-  (`tests/benchmarks/loadgen.py`, 64 connections), regproxy with the access log off. CPU
-  seconds of each process (supervisor included) from /proc, requests per worker from the
-  `regproxy_worker_requests_total` series: CPU seconds per 10,000 requests per worker.
+  (`tests/benchmarks/loadgen.py`, 64 connections) against regproxy with 1 and 2 workers
+  and, in the same run, Debian's docker-registry 2.8.2 as `tests/benchmarks` runs it
+  (`servers.Reference`: Debian's storage settings, its logging off) and once more with its
+  default logging (info, access log on). CPU seconds of each process (supervisor
+  included) from /proc, requests per worker from the `regproxy_worker_requests_total`
+  series (a single process: the load generator's count): CPU seconds per 10,000 requests
+  per worker; peak RSS (`VmHWM`, reset before each load) of each process.
 - **https**: 4 concurrent pulls of one blob over TLS (regproxy terminating it), total MB/s.
 - **proxy**: 8 concurrent cold pulls of one blob through a fresh cache, each on its own
   connection (spread by the kernel over the workers); upstream bytes counted by the
   byte-counting relay of `tests/benchmarks/relay.py` in front of a second regproxy.
 
+regproxy runs everywhere with its default logging (`[log]` untouched: text, info, one access
+line per request, to the log file the test harness keeps), as issue 16 asks of benchmarks.
+
 Each measurement runs `--reps` times (default 3), alternating which configuration goes
-first; the table has medians. Results: `tests/benchmarks/results/workers.json` (every
+first; the table has medians (the ratios to docker-registry: the median of each
+repetition's ratio). Results: `tests/benchmarks/results/workers.json` (every
 run's value, the load average at the start).
 """
 
@@ -52,7 +60,7 @@ from tests.benchmarks.client import (
 )
 from tests.benchmarks.relay import CountingRelay
 from tests.benchmarks.sections import _setup_small
-from tests.benchmarks.servers import cpu_seconds
+from tests.benchmarks.servers import Reference, cpu_seconds, peak_rss, reset_peak_rss
 from tests.support.certs import TestCA
 from tests.support.processes import RegproxyProcess
 from tests.workers.helpers import WorkersProcess
@@ -60,18 +68,32 @@ from tests.workers.helpers import WorkersProcess
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 MB = 1_000_000
-QUIET = "\n[log]\naccess = false\n"
 #: next to the main benchmark's results (a folder git ignores)
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "workers.json"
 
 
+#: the small section's servers besides regproxy's
+REF = "docker-registry"
+REF_LOGGING = "docker-registry, default logging"
+
+
 def server(workdir: Path, workers: int, extra: str = "") -> RegproxyProcess:
+    """regproxy with its default logging (the access log on)."""
     if workers == 1:
-        return RegproxyProcess(workdir, extra_config=extra + QUIET)
-    return WorkersProcess(workdir, workers=workers, extra_config=extra + QUIET)
+        return RegproxyProcess(workdir, extra_config=extra)
+    return WorkersProcess(workdir, workers=workers, extra_config=extra)
 
 
-def pids(srv: RegproxyProcess) -> dict[str, int]:
+class LoggingReference(Reference):
+    """docker-registry with its own default logging (info, access log on), as Debian's
+    configuration leaves it, instead of the benchmark's logging off."""
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        del self.extra_config["log"]  # ReferenceRegistry's: info, text, access log on
+
+
+def pids(srv: RegproxyProcess | Reference) -> dict[str, int]:
     """{"supervisor"/"1"/"2"…: pid} of a server's processes."""
     assert srv.process is not None and srv.process.pid is not None
     if isinstance(srv, WorkersProcess):
@@ -80,11 +102,20 @@ def pids(srv: RegproxyProcess) -> dict[str, int]:
     return {"1": srv.process.pid}
 
 
-def cpu(srv: RegproxyProcess) -> dict[str, float]:
+def cpu(srv: RegproxyProcess | Reference) -> dict[str, float]:
     return {name: cpu_seconds(pid) or 0.0 for name, pid in pids(srv).items()}
 
 
-def worker_requests(srv: RegproxyProcess) -> dict[str, float]:
+def reset_rss(srv: RegproxyProcess | Reference) -> None:
+    for pid in pids(srv).values():
+        reset_peak_rss(pid)
+
+
+def rss_mib(srv: RegproxyProcess | Reference) -> dict[str, float]:
+    return {name: (peak_rss(pid) or 0) / MiB for name, pid in pids(srv).items()}
+
+
+def worker_requests(srv: RegproxyProcess | Reference) -> dict[str, float]:
     """Requests answered per worker so far (0 for a single process: the caller knows)."""
     if not isinstance(srv, WorkersProcess):
         return {}
@@ -143,20 +174,30 @@ def moves(work: Path, quick: bool) -> dict:
 # ---- small requests ----------------------------------------------------------------------
 
 
-def small(work: Path, reps: int, seconds: float) -> dict:
+def small(work: Path, reps: int, seconds: float, reference: bool = True) -> dict:
     results: dict[str, dict[str, list]] = {}
-    servers = {n: server(work / f"w{n}", n) for n in (1, 2)}
-    for srv in servers.values():
-        srv.start()
+    servers: dict[str, RegproxyProcess | Reference] = {
+        f"workers={n}": server(work / f"w{n}", n) for n in (1, 2)
+    }
+    # docker-registry next to workers=2 in the order, so their ratio sees the least drift
+    order = ["workers=1", "workers=2"]
+    if reference:
+        servers[REF] = Reference(work / "reference")
+        servers[REF_LOGGING] = LoggingReference(work / "reference-logging")
+        order = [REF_LOGGING, "workers=1", "workers=2", REF]
     try:
-        layers = {n: _setup_small(srv.url, 10)[0] for n, srv in servers.items()}
+        for srv in servers.values():
+            srv.start()
+        layers = {label: _setup_small(srv.url, 10)[0] for label, srv in servers.items()}
         for rep in range(reps):
-            for n in (1, 2) if rep % 2 == 0 else (2, 1):
-                srv = servers[n]
-                for name in ("manifest GET by tag", "blob HEAD"):
+            # one endpoint at a time: its runs in a repetition are less than a minute apart
+            for name in ("manifest GET by tag", "blob HEAD"):
+                for label in order if rep % 2 == 0 else order[::-1]:
+                    srv = servers[label]
                     before_cpu, before_req = cpu(srv), worker_requests(srv)
+                    reset_rss(srv)
                     if name == "blob HEAD":
-                        url = f"{srv.url}/v2/bench/small/blobs/{layers[n]}"
+                        url = f"{srv.url}/v2/bench/small/blobs/{layers[label]}"
                         r = loadgen.run(url, method="HEAD", connections=64, seconds=seconds)
                         rps, total, errors = r.rps, r.requests, r.errors + r.non_2xx
                     else:
@@ -164,6 +205,7 @@ def small(work: Path, reps: int, seconds: float) -> dict:
                         headers = [f"Accept: {ACCEPT_MANIFESTS}"]
                         w = wrk.run(url, connections=64, seconds=seconds, headers=headers)
                         rps, total, errors = w.rps, w.requests, w.errors
+                    rss = rss_mib(srv)
                     after_cpu, after_req = cpu(srv), worker_requests(srv)
                     used = {k: after_cpu[k] - before_cpu.get(k, 0.0) for k in after_cpu}
                     answered = (
@@ -174,16 +216,31 @@ def small(work: Path, reps: int, seconds: float) -> dict:
                     per_10k = {
                         k: used[k] / answered[k] * 10_000 for k in answered if answered[k] > 0
                     }
-                    entry = results.setdefault(f"{name} | workers={n}", {})
+                    entry = results.setdefault(f"{name} | {label}", {})
                     entry.setdefault("rps", []).append(rps)
                     entry.setdefault("errors", []).append(errors)
                     entry.setdefault("cpu_s", []).append(used)
                     entry.setdefault("requests", []).append(answered)
                     entry.setdefault("cpu_s_per_10k_per_worker", []).append(per_10k)
-                    print(f"  {name}, workers={n}: {rps:,.0f} req/s, cpu per 10k {per_10k}")
+                    entry.setdefault("peak_rss_mib", []).append(rss)
+                    entry.setdefault("load_1min_after", []).append(os.getloadavg()[0])
+                    shown = ", ".join(f"{k} {v:.2f}" for k, v in per_10k.items())
+                    print(
+                        f"  {name}, {label}: {rps:,.0f} req/s, {errors} errors, "
+                        f"CPU s per 10k: {shown}",
+                        flush=True,
+                    )
     finally:
         for srv in servers.values():
             srv.stop()
+    if reference:  # each repetition's ratio: the runs next to each other in time
+        for name in ("manifest GET by tag", "blob HEAD"):
+            for base in (REF, REF_LOGGING):
+                ref = results[f"{name} | {base}"]["rps"]
+                for n in (1, 2):
+                    ours = results[f"{name} | workers={n}"]["rps"]
+                    ratios = [a / b if b else float("nan") for a, b in zip(ours, ref, strict=True)]
+                    results[f"{name} | workers={n} / {base}"] = {"ratio": ratios}
     return results
 
 
@@ -315,38 +372,94 @@ def _proxied_pull(url: str, path: str, size: int, replicas: set[str]) -> None:
 # ---- main --------------------------------------------------------------------------------
 
 
+TARGETS = {"manifest GET by tag": 5.0, "blob HEAD": 5.7}  # workers=2 / docker-registry
+
+
+def _per_worker(runs: list[dict[str, float]], fmt: str = "{:.2f}") -> str:
+    """Medians per process over the runs: "1.40" for one, "w1 1.32, w2 1.37 (sup. 0.01)"."""
+    names = sorted({k for run in runs for k in run})
+    value = {k: median([run[k] for run in runs if k in run]) for k in names}
+    if names == ["1"]:
+        return fmt.format(value["1"])
+    shown = ", ".join(f"w{k} {fmt.format(value[k])}" for k in names if k != "supervisor")
+    if "supervisor" in value:
+        shown += f" (supervisor {fmt.format(value['supervisor'])})"
+    return shown
+
+
+def _ratio(found: dict, key: str) -> str:
+    ratios = found["small"].get(key, {}).get("ratio", [])
+    if not ratios:
+        return ""
+    if len(ratios) == 1:
+        return f"{ratios[0]:.2f}×"
+    return f"{median(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f})"
+
+
 def table(found: dict) -> str:
-    rows = ["| measurement | workers = 1 | workers = 2 | ratio |", "|---|---|---|---|"]
-    if "small" in found:
-        for name in ("manifest GET by tag", "blob HEAD"):
-            one = median(found["small"][f"{name} | workers=1"]["rps"])
-            two = median(found["small"][f"{name} | workers=2"]["rps"])
-            rows.append(f"| {name} (req/s) | {one:,.0f} | {two:,.0f} | {two / one:.2f}× |")
-            for n in (1, 2):
-                per = found["small"][f"{name} | workers={n}"]["cpu_s_per_10k_per_worker"]
-                workers = sorted({k for p in per for k in p})
-                shown = ", ".join(
-                    f"w{k} {median([p[k] for p in per if k in p]):.2f}" for k in workers
-                )
-                rows.append(f"| {name}: CPU s per 10,000 requests, workers={n} | {shown} | | |")
+    rows = [
+        "| measurement | docker-registry 2.8.2 | workers = 1 | workers = 2 | 2 vs 1 |",
+        "|---|---|---|---|---|",
+    ]
+    small = found.get("small", {})
+    ref = f"manifest GET by tag | {REF}" in small
+    for name in ("manifest GET by tag", "blob HEAD") if small else ():
+        one = median(small[f"{name} | workers=1"]["rps"])
+        two = median(small[f"{name} | workers=2"]["rps"])
+        base = f"{median(small[f'{name} | {REF}']['rps']):,.0f}" if ref else ""
+        rows.append(f"| {name} (req/s) | {base} | {one:,.0f} | {two:,.0f} | {two / one:.2f}× |")
+        if ref:
+            rows.append(
+                f"| … against docker-registry (target for workers = 2: "
+                f"≥ {TARGETS[name]:g}×) | 1.00× | {_ratio(found, f'{name} | workers=1 / {REF}')} "
+                f"| {_ratio(found, f'{name} | workers=2 / {REF}')} | |"
+            )
+            logging = median(small[f"{name} | {REF_LOGGING}"]["rps"])
+            rows.append(
+                f"| … against docker-registry with its default logging ({logging:,.0f} req/s) "
+                f"| | {_ratio(found, f'{name} | workers=1 / {REF_LOGGING}')} "
+                f"| {_ratio(found, f'{name} | workers=2 / {REF_LOGGING}')} | |"
+            )
+        cells = {
+            label: _per_worker(small[f"{name} | {label}"]["cpu_s_per_10k_per_worker"])
+            for label in ([REF] if ref else []) + ["workers=1", "workers=2"]
+        }
+        rows.append(
+            f"| {name}: CPU s per 10,000 requests, per process | {cells.get(REF, '')} "
+            f"| {cells['workers=1']} | {cells['workers=2']} | |"
+        )
+        cells = {
+            label: _per_worker(small[f"{name} | {label}"]["peak_rss_mib"], "{:.0f}")
+            for label in ([REF] if ref else []) + ["workers=1", "workers=2"]
+        }
+        rows.append(
+            f"| {name}: peak RSS under load (MiB), per process | {cells.get(REF, '')} "
+            f"| {cells['workers=1']} | {cells['workers=2']} | |"
+        )
     if "https" in found:
         one = median([r["MB/s"] for r in found["https"]["workers=1"]])
         two = median([r["MB/s"] for r in found["https"]["workers=2"]])
         rows.append(
-            f"| HTTPS pull, 4 concurrent (MB/s) | {one:,.0f} | {two:,.0f} | {two / one:.2f}× |"
+            f"| HTTPS pull, 4 concurrent (MB/s) | | {one:,.0f} | {two:,.0f} | {two / one:.2f}× |"
         )
     if "proxy" in found:
         for key, unit in (("MB/s", "MB/s"), ("upstream_x_blob", "×blob upstream")):
             one = median([r[key] for r in found["proxy"]["workers=1"]])
             two = median([r[key] for r in found["proxy"]["workers=2"]])
-            rows.append(f"| 8 concurrent cold pulls ({unit}) | {one:,.2f} | {two:,.2f} | |")
+            rows.append(f"| 8 concurrent cold pulls ({unit}) | | {one:,.2f} | {two:,.2f} | |")
     if "moves" in found:
         m = found["moves"]
         rows.append(
-            f"| upload moved to a new worker: re-hash (s per GiB) | | "
+            f"| upload moved to a new worker: re-hash (s per GiB) | | | "
             f"{m['rehash_s_per_gib']:.2f} | sha256 in memory: "
             f"{m['sha256_in_memory_s_per_gib']:.2f} |"
         )
+    rows.append("")
+    rows.append(
+        f"regproxy with its default logging (access log on); load average at the start "
+        f"{', '.join(f'{x:.2f}' for x in found['machine']['load_at_start'])}, at the end "
+        f"{', '.join(f'{x:.2f}' for x in found['machine'].get('load_at_end', ()))}"
+    )
     return "\n".join(rows)
 
 
@@ -373,6 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("wrk") is None and "small" in sections:
         print("wrk is not installed: leaving out small", file=sys.stderr)
         sections.remove("small")
+    reference = shutil.which("docker-registry") is not None
+    if not reference and "small" in sections:
+        print("docker-registry is not installed: small without it", file=sys.stderr)
     found: dict = {
         "machine": {"cpus": os.cpu_count(), "load_at_start": os.getloadavg()},
         "nice": args.nice,
@@ -384,11 +500,12 @@ def main(argv: list[str] | None = None) -> int:
             found["moves"] = moves(work / "moves", args.quick)
             print(f"  moves: {found['moves']}")
         if "small" in sections:
-            found["small"] = small(work / "small", reps, seconds)
+            found["small"] = small(work / "small", reps, seconds, reference)
         if "https" in sections:
             found["https"] = https(work / "https", reps, size)
         if "proxy" in sections:
             found["proxy"] = proxy(work / "proxy", reps, size)
+    found["machine"]["load_at_end"] = os.getloadavg()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(found, indent=2, default=str) + "\n")
     print(table(found))
