@@ -162,7 +162,11 @@ class HAProxy:
                 text = self.process.log_text(current_run_only=True)
                 if attempt == 2 or "Address already in use" not in text:
                     raise
-        self.wait_for_state({name: "UP" for name, _ in self.backends}, timeout=timeout)
+        try:
+            self.wait_for_state({name: "UP" for name, _ in self.backends}, timeout=timeout)
+        except BaseException:
+            self.stop()  # the caller never gets this object to stop
+            raise
         return self
 
     def _accepting(self) -> bool:
