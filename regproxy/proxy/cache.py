@@ -63,6 +63,9 @@ READ_TIMEOUT = client_timeout().sock_read or 60.0
 FOLLOW_POLL = 0.01
 #: …and how long it waits for a holder that shows no progress before fetching by itself
 CLAIM_WAIT = 300.0
+#: committed digests remembered (`ProxyCache._committed`), and for how many seconds at least
+COMMITTED_REMEMBERED = 4096
+COMMITTED_FOR = 60.0
 
 
 class _HolderGone(Exception):
@@ -193,6 +196,10 @@ class ProxyCache:
         self.stats = ProxyStats()
         self._manifest_flights = SingleFlight()
         self._blob_flights: dict[Digest, BlobFlight] = {}
+        #: digests this process committed lately, noted before their flight goes: a
+        #: request that found neither the blob (checked just before the commit) nor the
+        #: flight (gone just after) looks at the store again instead of fetching twice
+        self._committed: dict[Digest, float] = {}
         self._tasks: set[asyncio.Task] = set()
         #: set after each blob committed to the cache: the evictor checks the byte budget
         self.grew = asyncio.Event()
@@ -437,7 +444,20 @@ class ProxyCache:
                 self.stats.count(self.stats.coalesced, target.upstream)
                 self.stats.status(target.upstream, MISS)
                 return CachedBlob(digest, None, MISS, elsewhere=holder)
+            if holder is None and await self.offload.run(self.store.has_blob, digest):
+                # the claim was free because a fetch (here or on another replica) just
+                # committed the blob and let go of it: never fetch it a second time
+                self._background(self.offload.run(self.replicas.release_blob, digest))
+                self.stats.count(self.stats.coalesced, target.upstream)
+                self.stats.status(target.upstream, HIT)
+                return CachedBlob(digest, None, HIT)
             flight = self._blob_flights.get(digest)  # one may have started meanwhile
+        if flight is None and digest in self._committed:
+            if await self.offload.run(self.store.has_blob, digest):
+                self.stats.count(self.stats.coalesced, target.upstream)
+                self.stats.status(target.upstream, HIT)
+                return CachedBlob(digest, None, HIT)
+            flight = self._blob_flights.get(digest)
         if flight is not None:
             self.stats.count(self.stats.coalesced, target.upstream)
         elif self.shared:
@@ -569,6 +589,15 @@ class ProxyCache:
             self._background(self._hold_replica_claim(flight, self.replicas))
         return flight
 
+    def _note_committed(self, digest: Digest) -> None:
+        now = asyncio.get_running_loop().time()
+        if len(self._committed) >= COMMITTED_REMEMBERED:
+            for old in [d for d, at in self._committed.items() if at < now - COMMITTED_FOR]:
+                del self._committed[old]
+            if len(self._committed) >= COMMITTED_REMEMBERED:
+                self._committed.clear()
+        self._committed[digest] = now
+
     async def _replica_claim(self, digest: Digest, replicas: Replicas) -> Replica | None:
         """The other replica fetching `digest`, or None (this one claimed it). A store
         that fails the claim fails nothing else: the blob is fetched here."""
@@ -615,6 +644,7 @@ class ProxyCache:
             if flight.total is not None and flight.written != flight.total:
                 raise FlightFailed(f"upstream sent {flight.written} of {flight.total} bytes")
             await self.offload.run(self.store.commit_blob, name, flight.spool, digest)
+            self._note_committed(digest)
             if flight.claim is not None:
                 flight.claim.publish(Claim.COMMITTED, size=flight.written)
             flight.commit()

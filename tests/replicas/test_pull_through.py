@@ -27,12 +27,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 MiB = 1024 * 1024
 PULLS = 8
-#: a known race, to be fixed in ProxyCache.blob (remove the xfail then)
-LATE_CLAIM = (
-    "a pull whose has_blob/claim thread hops run after the first fetch committed and "
-    "released its claim wins a fresh claim and fetches upstream again: the claim is not "
-    "followed by a second has_blob check"
-)
 
 
 @pytest.fixture
@@ -47,11 +41,8 @@ def proxy_cluster(
 
 
 async def test_eight_cold_pulls_through_two_replicas_cost_one_transfer(
-    fake: FakeUpstream, proxy_cluster: Cluster, store_kind: str, request: pytest.FixtureRequest
+    fake: FakeUpstream, proxy_cluster: Cluster
 ) -> None:
-    if store_kind == "s3":
-        # about 1 run in 6 on a busy machine, the holder's own late request fetches again
-        request.applymarker(pytest.mark.xfail(strict=False, reason=LATE_CLAIM))
     data = os.urandom(16 * MiB + 1)
     digest = fake.add_blob("team/app", data)
     fake.faults.delay = 0.3  # the eight pulls all arrive before the first byte
