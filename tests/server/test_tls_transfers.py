@@ -1,0 +1,259 @@
+"""Blob pulls over TLS that regproxy terminates itself (`[server] tls_certificate`).
+
+The kernel's sendfile cannot send a file on a TLS socket, so these bodies take
+`responses._send_file_tls` (large reads on a storage thread, ahead of the writes). Real
+servers on 127.0.0.1 with a certificate from a test CA; clients verify it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from regproxy.server import responses
+from tests.support.certs import TestCA
+from tests.support.digests import sha256
+from tests.support.inprocess import make_config
+from tests.support.proxy import wait_until
+from tests.support.served import ServedRegistry, request_head, serve_registry
+
+MIB = 1024 * 1024
+#: small pieces, so that a few MiB cross many piece boundaries
+PIECE = 64 * 1024
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> TestCA:
+    return TestCA(tmp_path / "ca")
+
+
+@pytest.fixture
+def client_ssl(ca: TestCA) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(ca.ca_file))
+
+
+@pytest.fixture
+async def tls_registry(
+    tmp_path: Path, ca: TestCA, client_ssl: ssl.SSLContext, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[ServedRegistry]:
+    monkeypatch.setattr(responses, "TLS_CHUNK", PIECE)
+    cert = ca.issue(tmp_path / "cert")
+    config = make_config(
+        tmp_path,
+        server={"tls_certificate": str(cert.certificate), "tls_key": str(cert.key)},
+    )
+    registry = await serve_registry(config, client_ssl=client_ssl)
+    try:
+        yield registry
+    finally:
+        await registry.close()
+
+
+async def push(registry: ServedRegistry, name: str, data: bytes) -> str:
+    digest = sha256(data)
+    resp = await registry.http.post(f"/v2/{name}/blobs/uploads/?digest={digest}", data=data)
+    assert resp.status == 201, await resp.text()
+    return digest
+
+
+async def test_a_tls_pull_is_byte_identical(tls_registry: ServedRegistry) -> None:
+    data = os.urandom(3 * MIB + 12_345)  # not a multiple of the piece size
+    digest = await push(tls_registry, "tls/pull", data)
+    resp = await tls_registry.http.get(f"/v2/tls/pull/blobs/{digest}")
+    assert resp.status == 200
+    assert resp.headers["Content-Length"] == str(len(data))
+    assert resp.headers["Docker-Content-Digest"] == digest
+    body = await resp.read()
+    assert len(body) == len(data)
+    assert hashlib.sha256(body).hexdigest() == digest.split(":")[1]
+
+
+async def test_small_and_empty_blobs_over_tls(tls_registry: ServedRegistry) -> None:
+    for data in (b"", b"x", os.urandom(PIECE), os.urandom(PIECE + 1)):
+        digest = await push(tls_registry, "tls/small", data)
+        resp = await tls_registry.http.get(f"/v2/tls/small/blobs/{digest}")
+        assert resp.status == 200
+        assert await resp.read() == data
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "bytes=0-0",
+        "bytes=1-65536",  # across the first piece boundary
+        f"bytes={PIECE - 1}-{3 * PIECE + 7}",
+        "bytes=1000000-",  # to the end
+        "bytes=-70000",  # the last 70,000 bytes
+        "bytes=2000000-99999999",  # past the end: cut at the end
+    ],
+)
+async def test_range_over_tls(tls_registry: ServedRegistry, header: str) -> None:
+    data = os.urandom(2 * MIB + 101)
+    digest = await push(tls_registry, "tls/range", data)
+    first, _, last = header.removeprefix("bytes=").partition("-")
+    if first == "":
+        start, end = len(data) - int(last), len(data)
+    else:
+        start = int(first)
+        end = len(data) if last == "" else min(int(last) + 1, len(data))
+    resp = await tls_registry.http.get(f"/v2/tls/range/blobs/{digest}", headers={"Range": header})
+    assert resp.status == 206
+    assert resp.headers["Content-Range"] == f"bytes {start}-{end - 1}/{len(data)}"
+    assert resp.headers["Content-Length"] == str(end - start)
+    assert await resp.read() == data[start:end]
+
+
+async def test_head_over_tls_has_no_body(tls_registry: ServedRegistry) -> None:
+    data = os.urandom(MIB + 3)
+    digest = await push(tls_registry, "tls/head", data)
+    resp = await tls_registry.http.head(f"/v2/tls/head/blobs/{digest}")
+    assert resp.status == 200
+    assert resp.headers["Content-Length"] == str(len(data))
+    assert await resp.read() == b""
+    # the connection is still good for the next request
+    resp = await tls_registry.http.get(f"/v2/tls/head/blobs/{digest}")
+    assert await resp.read() == data
+
+
+async def _raw_tls(
+    registry: ServedRegistry, context: ssl.SSLContext, receive_buffer: int | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if receive_buffer is not None:  # a fixed size: no autotuning up to tcp_rmem's maximum
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.connect(("127.0.0.1", registry.port))
+    reader, writer = await asyncio.open_connection(
+        sock=sock, ssl=context, server_hostname="127.0.0.1"
+    )
+    registry.sockets.append(writer)
+    return reader, writer
+
+
+def _tcp_max(name: str) -> int:
+    return int(Path(f"/proc/sys/net/ipv4/{name}").read_text().split()[2])
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_a_client_leaving_mid_body_frees_everything(
+    tls_registry: ServedRegistry, client_ssl: ssl.SSLContext
+) -> None:
+    data = os.urandom(8 * MIB)
+    digest = await push(tls_registry, "tls/leave", data)
+    fds = _open_fds()
+    for _ in range(3):
+        reader, writer = await _raw_tls(tls_registry, client_ssl)
+        writer.write(request_head("GET", f"/v2/tls/leave/blobs/{digest}"))
+        await writer.drain()
+        await reader.readexactly(MIB)  # head and part of the body
+        writer.transport.abort()  # gone, mid-body
+    # the blob files are closed once each send notices: no descriptor is left open
+    await wait_until(lambda: _open_fds() <= fds, timeout=10)
+    resp = await tls_registry.http.get(f"/v2/tls/leave/blobs/{digest}")
+    assert await resp.read() == data
+
+
+async def test_a_slow_reader_holds_bounded_memory(
+    tls_registry: ServedRegistry, client_ssl: ssl.SSLContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that stops reading: the server stops reading the file once a few pieces
+    wait in its buffers (plus what the kernel's socket buffers hold), not the whole blob;
+    when the client reads again the whole body arrives intact."""
+    size = 48 * MIB
+    data = os.urandom(size)
+    digest = await push(tls_registry, "tls/slow", data)
+    read_bytes = 0
+    real = responses._read_piece
+
+    def counting(fd: int, count: int, position: int) -> bytes:
+        nonlocal read_bytes
+        piece = real(fd, count, position)
+        read_bytes += len(piece)
+        return piece
+
+    monkeypatch.setattr(responses, "_read_piece", counting)
+    reader, writer = await _raw_tls(tls_registry, client_ssl, receive_buffer=128 * 1024)
+    writer.write(request_head("GET", f"/v2/tls/slow/blobs/{digest}"))
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    # read nothing more: wait until the server stops reading the file
+    last = -1
+    while read_bytes != last:
+        last = read_bytes
+        await asyncio.sleep(0.5)
+    # what the kernels may hold: the server's send buffer at its largest and the client's
+    # receive buffer (the kernel doubles what was set); the client's stream reader (its
+    # 64 KiB limit pauses it); and the server's bound (`responses._send_file_tls`): the
+    # piece read ahead, and in asyncio's SSL protocol and socket transport at most a piece
+    # plus the SSL write high-water mark each
+    kernel = _tcp_max("tcp_wmem") + 2 * 128 * 1024 + 64 * 1024
+    ssl_high = asyncio.constants.FLOW_CONTROL_HIGH_WATER_SSL_WRITE * 1024
+    bound = kernel + 3 * PIECE + 2 * ssl_high + 256 * 1024
+    assert read_bytes < size
+    assert read_bytes <= bound, (read_bytes, bound)
+    body = bytearray()
+    while len(body) < size:
+        body += await reader.read(MIB)
+    assert bytes(body) == data
+
+
+async def test_plain_http_keeps_sendfile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without TLS the kernel sends the file (zero-copy): the TLS path is never taken."""
+
+    async def refuse(*args: object) -> None:
+        raise AssertionError("the TLS path served a plain-HTTP pull")
+
+    monkeypatch.setattr(responses, "_send_file_tls", refuse)
+    registry = await serve_registry(make_config(tmp_path / "plain"))
+    try:
+        data = os.urandom(MIB + 5)
+        digest = await push(registry, "plain/pull", data)
+        resp = await registry.http.get(f"/v2/plain/pull/blobs/{digest}")
+        assert await resp.read() == data
+        resp = await registry.http.get(
+            f"/v2/plain/pull/blobs/{digest}", headers={"Range": "bytes=10-99999"}
+        )
+        assert resp.status == 206
+        assert await resp.read() == data[10:100000]
+    finally:
+        await registry.close()
+
+
+# ---- pushes over TLS -----------------------------------------------------------------------
+
+
+async def test_a_chunked_push_over_tls_in_small_chunks(tls_registry: ServedRegistry) -> None:
+    """docker's push: one PATCH with `Transfer-Encoding: chunked` in 32 KiB chunks."""
+    data = os.urandom(5 * MIB + 999)
+
+    async def body() -> AsyncIterator[bytes]:
+        for start in range(0, len(data), 32 * 1024):
+            yield data[start : start + 32 * 1024]
+
+    resp = await tls_registry.http.post("/v2/tls/te/blobs/uploads/")
+    assert resp.status == 202
+    resp = await tls_registry.http.patch(resp.headers["Location"], data=body())
+    assert resp.status == 202, await resp.text()
+    assert resp.headers["Range"] == f"0-{len(data) - 1}"
+    digest = sha256(data)
+    resp = await tls_registry.http.put(f"{resp.headers['Location']}?digest={digest}")
+    assert resp.status == 201, await resp.text()
+    resp = await tls_registry.http.get(f"/v2/tls/te/blobs/{digest}")
+    assert await resp.read() == data
+
+
+async def test_a_monolithic_push_over_tls(tls_registry: ServedRegistry) -> None:
+    data = os.urandom(4 * MIB + 1)
+    digest = await push(tls_registry, "tls/mono", data)
+    resp = await tls_registry.http.get(f"/v2/tls/mono/blobs/{digest}")
+    assert await resp.read() == data
