@@ -205,10 +205,13 @@ def collect(
             for name in repositories:
                 _unlink_swept_layers(store, name, swept)
     report.blobs_kept = len(marker.blobs)
-    # tmp/ holds atomic writes and cross-filesystem copies in progress (a slow fsync or a
-    # big copy can take seconds): only crash leftovers go, whatever the grace period
+    # tmp/ on disk holds atomic writes and cross-filesystem copies in progress (a slow
+    # fsync or a big copy can take seconds) with no sign of life: only crash leftovers go
+    # there, whatever the grace period. On an object store a commit's multipart upload is
+    # marked live while it runs (S3Backend._marked): the grace period holds for the rest.
+    floor = TEMP_MAX_AGE if store.backend.local else 0.0
     report.temp_files_removed += store.backend.sweep_leftovers(
-        store.layout.tmp, max(started - cutoff, TEMP_MAX_AGE), started, dry_run
+        store.layout.tmp, max(started - cutoff, floor), started, dry_run
     )
     report.seconds = time.time() - started
     return report

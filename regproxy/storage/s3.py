@@ -10,7 +10,10 @@ The same invariants as on disk, without rename, flock or a local filesystem:
   small files (tags, links) are rewritten with compare-and-swap instead, large ones
   (blobs) get an empty `_touched/<key>` object whose time counts as theirs;
 - the store lock is a lease protocol on two kinds of objects under `<lock>.d/`
-  (see `LeaseLock`), safe across processes and hosts with nothing else to run.
+  (see `LeaseLock`), safe across processes and hosts with nothing else to run;
+- a multipart upload in progress is marked live by an object its writer keeps
+  rewriting (`_uploading/<hash of key>.<token>`, see `_marked`): gc aborts a dead
+  writer's upload once it is older than the grace period, and never a live one's.
 
 Every method is blocking (one or a few S3 requests): the server calls them through
 the storage thread pool (`local` is False), never on the event loop.
@@ -19,6 +22,7 @@ the storage thread pool (`local` is False), never on the event loop.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -51,6 +55,14 @@ PART_THREADS = 4
 SMALL_FILE = 64 * 1024
 #: where touch markers of large files live, under the store's prefix
 TOUCHED = "_touched"
+#: where multipart uploads in progress are marked live, under the store's prefix
+UPLOADING = "_uploading"
+#: a live upload's marker is rewritten this often…
+MARK_RENEW = 30.0
+#: …and one not rewritten for this long is a dead (or cut off) writer's: its upload may go
+MARK_STALE = 120.0
+#: top-level folders of this backend's bookkeeping, left out of listings of the root
+HIDDEN = (TOUCHED, UPLOADING)
 #: the lease of gc's exclusive phase, renewed while held; taken over once expired
 LEASE_SECONDS = 120.0
 #: a shared holder's marker older than this belongs to a process that died mid-commit
@@ -75,6 +87,13 @@ def _client_error() -> type[Exception]:
     from botocore.exceptions import ClientError  # a store on S3 has loaded botocore
 
     return ClientError
+
+
+def mark_id(relative: str) -> str:
+    """What names the live-upload markers of the key `<prefix>/<relative>`: a hash of it
+    (markers sit side by side in one folder: a folder per key would stay behind on
+    engines that keep folders, such as SeaweedFS)."""
+    return hashlib.sha256(relative.encode()).hexdigest()[:32]
 
 
 class S3Backend:
@@ -236,21 +255,21 @@ class S3Backend:
             kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
     def names(self, folder: Path) -> list[str]:
-        """The store's own `_touched` folder is not listed: it is this backend's
-        bookkeeping, not one of the store's files."""
+        """The store's own `_touched` and `_uploading` folders are not listed: they are
+        this backend's bookkeeping, not the store's files."""
         prefix = self._folder_key(folder)
-        hidden = TOUCHED if self._is_root(folder) else ""
+        hidden = HIDDEN if self._is_root(folder) else ()
         found: list[str] = []
         for page in self._pages(prefix, "/"):
             for common in page.get("CommonPrefixes", []):
                 found.append(common["Prefix"][len(prefix) :].rstrip("/"))
             for item in page.get("Contents", []):
                 found.append(item["Key"][len(prefix) :])
-        return [name for name in found if name and not name.startswith(".") and name != hidden]
+        return [name for name in found if name and not name.startswith(".") and name not in hidden]
 
     def files(self, folder: Path) -> Iterator[Entry]:
         """One listing of the folder's keys, and one of its touch markers (whose times
-        count as their files'); `_touched` itself is not listed."""
+        count as their files'); `_touched` and `_uploading` themselves are not listed."""
         prefix = self._folder_key(folder)
         markers = self._join(TOUCHED, prefix[len(self._folder_key(self.root)) :])
         markers = markers if markers.endswith("/") else f"{markers}/"
@@ -258,7 +277,7 @@ class S3Backend:
         for page in self._pages(markers):
             for item in page.get("Contents", []):
                 touched[item["Key"][len(markers) :]] = item["LastModified"].timestamp()
-        hidden = f"{TOUCHED}/" if self._is_root(folder) else None
+        hidden = tuple(f"{name}/" for name in HIDDEN) if self._is_root(folder) else None
         for page in self._pages(prefix):
             for item in page.get("Contents", []):
                 name = item["Key"][len(prefix) :]
@@ -301,6 +320,10 @@ class S3Backend:
         return self._multipart(src, key, size)
 
     def _multipart(self, src: Path, key: str, size: int) -> bool:
+        with self._marked(key):
+            return self._multipart_marked(src, key, size)
+
+    def _multipart_marked(self, src: Path, key: str, size: int) -> bool:
         part = max(PART_SIZE, MIN_PART, math.ceil(size / MAX_PARTS))
         upload = self.client.create_multipart_upload(
             Bucket=self.bucket, Key=key, ContentType="application/octet-stream"
@@ -343,6 +366,44 @@ class S3Backend:
     def _abort(self, key: str, upload: str) -> None:
         self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload)
 
+    def _mark_id(self, key: str) -> str:
+        return mark_id(key[len(self.prefix) + 1 :] if self.prefix else key)
+
+    @contextlib.contextmanager
+    def _marked(self, key: str) -> Iterator[None]:
+        """Mark multipart uploads of `key` started inside as live, for as long as this runs.
+
+        The marker `<prefix>/_uploading/<hash of key>.<token>` (holding the key, for
+        people) is written before the upload is
+        created, rewritten every `MARK_RENEW` seconds by a thread, and deleted only after
+        the upload was completed or aborted. `sweep_leftovers` lists uploads first, then
+        markers: an upload it saw already existed, so its marker was already written,
+        and S3 lists what was written before (strong consistency). It aborts an upload
+        of a key only when no marker of that key was rewritten within `MARK_STALE`
+        seconds, which a running writer cannot fail unless it could not reach S3 for
+        that long (and then its completion fails with an error: nothing half-written
+        shows). A token per writer: two processes committing the same digest each keep
+        their own marker, and the first to finish does not unmark the other.
+        """
+        marker = self._join(UPLOADING, f"{self._mark_id(key)}.{uuid.uuid4().hex}")
+        self.client.put_object(Bucket=self.bucket, Key=marker, Body=key.encode())
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(MARK_RENEW):
+                with contextlib.suppress(Exception):  # tried again at the next beat
+                    self.client.put_object(Bucket=self.bucket, Key=marker, Body=key.encode())
+
+        renewer = threading.Thread(target=renew, name="regproxy-s3mark", daemon=True)
+        renewer.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            renewer.join()
+            with contextlib.suppress(Exception):  # a leftover marker is swept when stale
+                self.client.delete_object(Bucket=self.bucket, Key=marker)
+
     def move(self, src: Path, dst: Path) -> None:
         """A server-side copy (in parts beyond `COPY_MAX`), then the source and its touch
         marker are deleted; the copy's clock starts now."""
@@ -367,6 +428,10 @@ class S3Backend:
 
     def _copy_in_parts(self, source: str, key: str, size: int) -> None:
         """CopyObject stops at 5 GiB on AWS: a larger object is copied by UploadPartCopy."""
+        with self._marked(key):
+            self._copy_in_parts_marked(source, key, size)
+
+    def _copy_in_parts_marked(self, source: str, key: str, size: int) -> None:
         part = max(PART_SIZE, MIN_PART, math.ceil(size / MAX_PARTS))
         upload = self.client.create_multipart_upload(
             Bucket=self.bucket, Key=key, ContentType="application/octet-stream"
@@ -446,9 +511,13 @@ class S3Backend:
 
     def sweep_leftovers(self, tmp: Path, age: float, now: float, dry_run: bool) -> int:
         """Abort multipart uploads under the prefix started more than `age` seconds
-        before `now` (a process killed mid-upload). Stale lock markers are dropped by
-        the next exclusive holder (`LeaseLock`), which lists them anyway."""
-        removed = 0
+        before `now` whose writer is gone: no marker of their key rewritten within
+        `MARK_STALE` seconds of `now` (see `_marked`); markers that stale are deleted
+        (a writer that was only cut off writes its marker again). The uploads are listed
+        before the markers: that order is what makes a live upload's marker visible.
+        Stale lock markers are dropped by the next exclusive holder (`LeaseLock`), which
+        lists them anyway."""
+        old: list[tuple[str, str]] = []
         kwargs: dict[str, Any] = {
             "Bucket": self.bucket,
             "Prefix": self._folder_key(self.root),
@@ -458,17 +527,40 @@ class S3Backend:
             page = self.client.list_multipart_uploads(**kwargs)
             for upload in page.get("Uploads", []):
                 if now - upload["Initiated"].timestamp() > age:
-                    removed += 1
-                    if not dry_run:
-                        with contextlib.suppress(Exception):
-                            self._abort(upload["Key"], upload["UploadId"])
+                    old.append((upload["Key"], upload["UploadId"]))
             if not page.get("IsTruncated"):
                 break
             # SeaweedFS pages by upload id alone (and gives no NextKeyMarker)
             kwargs["UploadIdMarker"] = page.get("NextUploadIdMarker")
             if page.get("NextKeyMarker"):
                 kwargs["KeyMarker"] = page["NextKeyMarker"]
+        live = self._live_marks(now, dry_run)
+        removed = 0
+        for key, upload_id in old:
+            if self._mark_id(key) in live:
+                continue  # a running commit's
+            removed += 1
+            if not dry_run:
+                with contextlib.suppress(Exception):
+                    self._abort(key, upload_id)
         return removed
+
+    def _live_marks(self, now: float, dry_run: bool) -> set[str]:
+        """The keys (`_mark_id`) of markers younger than `MARK_STALE`; older markers are
+        deleted unless `dry_run`."""
+        live: set[str] = set()
+        folder = self._join(UPLOADING) + "/"
+        for page in self._pages(folder):
+            for item in page.get("Contents", []):
+                name = item["Key"][len(folder) :]
+                if "." not in name or "/" in name:
+                    continue  # not a marker
+                if now - item["LastModified"].timestamp() < MARK_STALE:
+                    live.add(name.split(".", 1)[0])
+                elif not dry_run:
+                    with contextlib.suppress(Exception):
+                        self.client.delete_object(Bucket=self.bucket, Key=item["Key"])
+        return live
 
     # ---- the store lock -----------------------------------------------------------------
 

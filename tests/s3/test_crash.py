@@ -2,10 +2,12 @@
 
 A blob becomes visible whole or not at all: a body cut off while it arrives never
 reaches the bucket (it is in local temporary storage), and a commit cut off while its
-multipart upload runs leaves no `blobs/` key, only an unfinished multipart upload that
-`gc` aborts once it is older than `layout.TEMP_MAX_AGE`. A younger one is left alone:
-it may be the commit of a server that is still running (aborting it would fail that
-push), which no one can tell from a dead one by looking at the bucket.
+multipart upload runs leaves no `blobs/` key, only an unfinished multipart upload and
+the marker its writer kept rewriting while it ran (`S3Backend._marked`). While that
+marker is fresh the upload may be the commit of a server that is still running
+(aborting it would fail that push): gc leaves it alone, whatever its grace period.
+Once the marker is stale, gc aborts it (tests/s3/test_upload_marks.py times that with a
+shortened beat); verify reports it once older than `layout.TEMP_MAX_AGE`.
 """
 
 from __future__ import annotations
@@ -162,7 +164,8 @@ async def test_kill_mid_push_leaves_nothing_visible(
     assert leftover["Key"] == key
 
     config = _config_file(server, s3_bucket)
-    # right away, the upload may as well be a live server's commit: gc leaves it alone
+    # right away, the upload may as well be a live server's commit (its marker is fresh):
+    # gc leaves it alone
     ran = await arun_cli("gc", "-c", config, "--grace", "0", "--json")
     assert ran.code == 0, ran.stderr
     assert ran.json()["stores"][0]["temp_files_removed"] == 0
@@ -170,7 +173,8 @@ async def test_kill_mid_push_leaves_nothing_visible(
     ran = await arun_cli("verify", "-c", config, "--json")
     assert ran.code == 0, ran.stdout  # not a problem yet either
 
-    # once older than TEMP_MAX_AGE it is a crash's leftover: verify reports it, gc aborts it
+    # an hour later it is a crash's leftover: verify reports it, gc aborts it (and its
+    # marker, stale after 2 minutes)
     later = TEMP_MAX_AGE + 60
     ran = await run_later(later, "verify", "-c", config, "--json")
     assert ran.code == 1, (ran.stdout, ran.stderr)
@@ -180,6 +184,7 @@ async def test_kill_mid_push_leaves_nothing_visible(
     assert ran.code == 0, ran.stderr
     assert json.loads(ran.stdout)["stores"][0]["temp_files_removed"] == 1
     assert multipart_uploads(seaweed, s3_bucket) == []
+    assert not bucket_keys(seaweed, s3_bucket, f"registry/{s3_mod.UPLOADING}/")
     assert _head(seaweed, s3_bucket, key) is None
 
     # 3. a restarted server knows nothing of the blob, and takes the push again
