@@ -50,7 +50,11 @@ class RecordingSink:
     def block_writer(self) -> contextlib.AbstractContextManager[Callable[[memoryview], None]]:
         @contextlib.contextmanager
         def writer() -> Iterator[Callable[[memoryview], None]]:
-            yield lambda block: None
+            def write(block: memoryview) -> None:
+                self.write([bytes(block)])
+                self.landed(len(block))  # a block writer reports what landed itself
+
+            yield write
 
         return writer()
 
