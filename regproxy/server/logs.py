@@ -33,12 +33,15 @@ program embedding the app) the record is logged as usual.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import io
 import itertools
 import json
 import logging
 import os
 import re
+import stat
 import sys
 import threading
 import time
@@ -431,6 +434,8 @@ class LineWriter(logging.Handler):
         self._closed = False
         # the time stamp of the current second, formatted once per second
         self._stamp: tuple[int, str] = (-1, "")
+        self._fd: int | bool | None = False  # False: not looked up yet (`_fileno`)
+        self._regular = False
 
     # -- producers ------------------------------------------------------------------------
 
@@ -480,21 +485,56 @@ class LineWriter(logging.Handler):
         with self._write_lock:
             queue = self._queue
             while queue:
-                chunk: list[str] = []
-                size = 0
-                while queue and size < PIPE_BUF:
-                    line = queue[0]
-                    length = (len(line) if line.isascii() else len(line.encode())) + 1
-                    if size + length > PIPE_BUF and chunk:
-                        break
-                    chunk.append(queue.popleft())
-                    size += length
-                chunk.append("")
-                try:
-                    self.stream.write("\n".join(chunk))
-                    self.stream.flush()
-                except (OSError, ValueError):
-                    pass  # stderr is gone (closed, broken pipe): nowhere to say so either
+                # popleft, not a swap of the deque: a producer may hold the old one
+                lines = [queue.popleft() for _ in range(len(queue))]
+                lines.append("")
+                text = "\n".join(lines)
+                del lines
+                # stderr is gone (closed, broken pipe): nowhere to say so either
+                with contextlib.suppress(OSError, ValueError):
+                    self._write(text)
+
+    def _write(self, text: str) -> None:
+        """Write whole lines: to a regular file in one write (appends are atomic there);
+        to anything else (a pipe, a socket, a terminal) in writes of at most `PIPE_BUF`
+        bytes each (or one longer line), which a pipe takes in one piece, so the lines of
+        several processes sharing it never mix.
+
+        Why few, large writes: this thread must take the GIL back after every write, and
+        while the event loop is busy that can wait for the interpreter's switch interval
+        (5 ms). Written a `PIPE_BUF` at a time, line by line in Python, the thread fell
+        behind at ~10,000 requests/s (py-spy, `tests/benchmarks/access_log.py --profile`):
+        the queue reached `MAX_QUEUED` and the event loop wrote the lines itself."""
+        fd = self._fileno()
+        if fd is None:  # a stream without a descriptor (tests): as it was
+            self.stream.write(text)
+            self.stream.flush()
+            return
+        self.stream.flush()  # whatever was written to the stream itself goes first
+        encoding = getattr(self.stream, "encoding", None) or "utf-8"
+        raw = text.encode(encoding, getattr(self.stream, "errors", None) or "backslashreplace")
+        view = memoryview(raw)
+        limit = len(raw) if self._regular else PIPE_BUF
+        start, end = 0, len(raw)
+        while start < end:
+            stop = end
+            if end - start > limit:
+                stop = raw.rfind(b"\n", start, start + limit) + 1
+                if stop <= start:  # one line longer than the limit: on its own
+                    stop = raw.find(b"\n", start + limit) + 1 or end
+            while start < stop:
+                start += os.write(fd, view[start:stop])
+
+    def _fileno(self) -> int | None:
+        """The stream's descriptor (None: it has none); `_regular` tells whether it is a
+        regular file. Looked up once."""
+        if self._fd is False:
+            fd: int | None = None
+            with contextlib.suppress(AttributeError, OSError, ValueError, io.UnsupportedOperation):
+                fd = self.stream.fileno()
+                self._regular = stat.S_ISREG(os.fstat(fd).st_mode)
+            self._fd = fd
+        return self._fd  # type: ignore[return-value]
 
     def close(self) -> None:
         self.flush()
