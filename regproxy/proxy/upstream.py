@@ -50,6 +50,11 @@ MAX_REDIRECTS = 5
 TOKEN_MARGIN = 10.0
 #: manifests, tags, HEADs and tokens: a stalled upstream must not hold a pull for long
 SMALL_TIMEOUT = aiohttp.ClientTimeout(total=20, sock_connect=10)
+#: how much of a blob body aiohttp's reader holds before it pauses the connection (it
+#: pauses at twice this). Plain-HTTP bodies of known length skip aiohttp (`take_body`);
+#: over TLS every byte goes through it, and with aiohttp's 64 KiB the connection paused
+#: and resumed every few records. Per fetch in flight, at most ~2 MiB more memory.
+BLOB_READ_BUFFER = 1024 * 1024
 
 
 # ---- forward proxies -------------------------------------------------------------------
@@ -521,6 +526,9 @@ class Upstream:
                     allow_redirects=False,
                     # the session's own timeout is what passing none at all means
                     timeout=SMALL_TIMEOUT if small else self._session.timeout,
+                    # a blob body over TLS is read by aiohttp: let it buffer more before
+                    # it pauses the connection (see BLOB_READ_BUFFER)
+                    read_bufsize=None if small else BLOB_READ_BUFFER,
                     # each hop its own: a CDN host may be in NO_PROXY, or not
                     **self._connection(url),
                 )
