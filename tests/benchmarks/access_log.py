@@ -40,6 +40,7 @@ from tests.benchmarks.client import (
     image_manifest,
     small_blob,
 )
+from tests.benchmarks.harness import profiled_python, stop_profiler
 from tests.benchmarks.servers import cpu_seconds
 from tests.support.processes import RegproxyProcess
 
@@ -97,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--only", default=",".join(VARIANTS), help="variants: off,text,json")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="record each server with py-spy while the loads run (collapsed stacks in DIR)",
+    )
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         print("wrk is not installed (apt-get install wrk)", file=sys.stderr)
@@ -110,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         layers = {}
         for variant in variants:
-            server = RegproxyProcess(work / variant, extra_config=VARIANTS[variant])
+            python = sys.executable
+            if args.profile is not None:  # CPU figures are py-spy's then: profile apart
+                python = profiled_python(args.profile / f"access-log-{variant}.txt", work)
+            server = RegproxyProcess(work / variant, extra_config=VARIANTS[variant], python=python)
             server.start()
             servers[variant] = server
             layers[variant] = setup(server.url)
@@ -134,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"{per_request:7.1f} µs CPU/request",
                         flush=True,
                     )
+        for server in servers.values():
+            if args.profile is not None and server.process is not None:
+                stop_profiler(server.process)
         time.sleep(1.0)
         for server in servers.values():
             server.stop()  # SIGTERM: whatever the log still held must now be in the file

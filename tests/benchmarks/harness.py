@@ -225,15 +225,46 @@ class Bench:
         return Sample(seconds, rss, cpu)
 
 
+def _py_spy() -> str:
+    # the venv's bin folder is not on PATH when run as .venv/bin/python
+    beside = Path(sys.executable).parent / "py-spy"
+    py_spy = str(beside) if beside.exists() else shutil.which("py-spy")
+    if py_spy is None:
+        raise SectionSkipped("--profile needs py-spy (pip install py-spy)")
+    return py_spy
+
+
+def profiled_python(out: Path, scratch: Path) -> str:
+    """A stand-in for the Python interpreter that runs it under ``py-spy record`` (collapsed
+    stacks to ``out``, written when the recorder gets SIGINT: `stop_profiler`). py-spy
+    launching the server works where attaching to it does not (a VM whose kernel refuses
+    to let py-spy read a process it did not start). The server's pid is py-spy's then."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch.mkdir(parents=True, exist_ok=True)
+    wrapper = scratch / f"py-spy-{out.stem}.sh"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f"exec {_py_spy()} record --rate 250 --format raw --nonblocking --threads "
+        f'-o {out} -- {sys.executable} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def stop_profiler(process: object) -> None:
+    """SIGINT to a server started through `profiled_python`: py-spy writes its stacks."""
+    proc = getattr(process, "proc", None)
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(30)
+
+
 class Profiler:
     """``py-spy record`` attached to a regproxy process, collapsed stacks to ``out``."""
 
     def __init__(self, pid: int, out: Path) -> None:
-        # the venv's bin folder is not on PATH when run as .venv/bin/python
-        beside = Path(sys.executable).parent / "py-spy"
-        py_spy = str(beside) if beside.exists() else shutil.which("py-spy")
-        if py_spy is None:
-            raise SectionSkipped("--profile needs py-spy (pip install py-spy)")
+        py_spy = _py_spy()
         out.parent.mkdir(parents=True, exist_ok=True)
         self.out = out
         self.proc = subprocess.Popen(
