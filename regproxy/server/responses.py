@@ -109,6 +109,11 @@ RELAY_CHUNK = 1024 * 1024
 #: `_send_file_tls`): large enough that OpenSSL writes full records back to back and the
 #: thread hop is paid once per MiB, small enough to bound each connection's memory
 TLS_CHUNK = 2 * 1024 * 1024
+#: bytes handed to the TLS transport per write: OpenSSL copies them into its record buffer
+#: and its output buffer, and asyncio copies that out again; pieces this small stay in
+#: the CPU's cache from one copy to the next (single-stream pull: ~0.85 CPU-seconds per
+#: GiB against ~1.0-1.3 with whole 2 MiB pieces)
+TLS_WRITE = 256 * 1024
 
 
 def _open(path: os.PathLike[str] | str) -> tuple[BinaryIO, int]:
@@ -189,7 +194,8 @@ async def _send_file_tls(
     offload: Offload,
 ) -> None:
     """Bytes `[start, end)` of a local blob over TLS: read in `TLS_CHUNK` pieces on a
-    storage thread, the next piece read while this one is encrypted and sent.
+    storage thread, the next piece read while this one is encrypted and sent (in
+    `TLS_WRITE` slices, no copies).
 
     Why: asyncio's sendfile falls back, on a TLS transport, to 16 KiB reads, each a hop
     to the default executor and a drain before its write, so disk, encryption and socket
@@ -198,12 +204,14 @@ async def _send_file_tls(
     the disk off the critical path.
 
     Memory per connection is bounded, however large the blob and however slow the
-    client: the piece read ahead, and the piece written, which asyncio's SSL protocol
-    encrypts at once into its outgoing buffer; that buffer moves on to the socket
-    transport's buffer, and `response.write` waits (drains) while the SSL protocol holds
-    more than its high-water mark (512 KiB). So a connection holds at most about
-    `3 * TLS_CHUNK + 1 MiB` (7 MiB with 2 MiB pieces) besides the kernel's socket buffer
-    (`tests/server/test_tls_transfers.py` checks it with a client that stops reading)."""
+    client: the piece read ahead and the piece being sent, which goes to the transport
+    `TLS_WRITE` bytes at a time; asyncio's SSL protocol encrypts each write at once into
+    its outgoing buffer, which moves on to the socket transport's buffer, and
+    `response.write` waits (drains) while the SSL protocol holds more than its high-water
+    mark (512 KiB). So a connection holds at most about
+    `2 * TLS_CHUNK + 2 * (TLS_WRITE + 512 KiB)` (5.5 MiB) besides the kernel's socket
+    buffer (`tests/server/test_tls_transfers.py` checks it with a client that stops
+    reading)."""
     fd = handle.fileno()
 
     def read(position: int) -> asyncio.Future[bytes]:
@@ -223,7 +231,9 @@ async def _send_file_tls(
                 raise ConnectionResetError("blob file ended early")
             position += len(chunk)
             reading = read(position) if position < end else None
-            await response.write(chunk)
+            view = memoryview(chunk)
+            for at in range(0, len(chunk), TLS_WRITE):
+                await response.write(view[at : at + TLS_WRITE])
     finally:
         if reading is not None and not reading.done():
             # a client that left: the read finishes before the caller closes the file
