@@ -534,7 +534,7 @@ class LineWriter(logging.Handler):
                 fd = self.stream.fileno()
                 self._regular = stat.S_ISREG(os.fstat(fd).st_mode)
             self._fd = fd
-        return self._fd  # type: ignore[return-value]
+        return self._fd
 
     def close(self) -> None:
         self.flush()

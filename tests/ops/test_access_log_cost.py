@@ -275,4 +275,3 @@ def test_sigterm_right_after_the_requests_loses_no_line(
     assert ids == [str(i) for i in range(count)]
     last = lines[-1]
     assert (json.loads(last)["message"] if fmt == "json" else last).endswith("stopped")
-
