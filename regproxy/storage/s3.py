@@ -37,6 +37,7 @@ from pathlib import Path, PurePath, PurePosixPath
 from typing import Any, BinaryIO
 
 from regproxy.storage.backend import Entry
+from regproxy.storage.s3client import crc32_header
 
 #: files up to this size are uploaded with one PUT; larger ones in parts
 SINGLE_PUT_MAX = 64 * 1024 * 1024
@@ -326,7 +327,10 @@ class S3Backend:
     def _multipart_marked(self, src: Path, key: str, size: int) -> bool:
         part = max(PART_SIZE, MIN_PART, math.ceil(size / MAX_PARTS))
         upload = self.client.create_multipart_upload(
-            Bucket=self.bucket, Key=key, ContentType="application/octet-stream"
+            Bucket=self.bucket,
+            Key=key,
+            ContentType="application/octet-stream",
+            ChecksumAlgorithm="CRC32",  # each part's is checked by S3 (see s3client)
         )["UploadId"]
         try:
 
@@ -336,10 +340,12 @@ class S3Backend:
                 with open(src, "rb") as handle:
                     handle.seek(start)
                     data = handle.read(count)
+                crc = crc32_header(data)
                 answer = self.client.upload_part(
-                    Bucket=self.bucket, Key=key, UploadId=upload, PartNumber=number, Body=data
-                )
-                return {"PartNumber": number, "ETag": answer["ETag"]}
+                    Bucket=self.bucket, Key=key, UploadId=upload, PartNumber=number, Body=data,
+                    ChecksumCRC32=crc,
+                )  # fmt: skip
+                return {"PartNumber": number, "ETag": answer["ETag"], "ChecksumCRC32": crc}
 
             numbers = range(1, math.ceil(size / part) + 1)
             with ThreadPoolExecutor(PART_THREADS, thread_name_prefix="regproxy-s3part") as pool:

@@ -172,8 +172,10 @@ class Store:
         """Whether the blob is visible in `name`: pushed or mounted there, or a manifest of it."""
         return self._recalled(
             ("linked", name, digest),
-            lambda: self.backend.exists(self.layout.layer(name, digest))
-            or self.backend.exists(self.layout.revision(name, digest)),
+            lambda: (
+                self.backend.exists(self.layout.layer(name, digest))
+                or self.backend.exists(self.layout.revision(name, digest))
+            ),
         )
 
     def blob_size(self, name: str, digest: Digest) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from botocore.exceptions import ClientError
 
 from regproxy.config import S3Config
 from regproxy.errors import ConfigError
@@ -25,6 +26,7 @@ from regproxy.storage import s3client
 from regproxy.storage.s3client import (
     POOL_CONNECTIONS,
     build_client,
+    crc32_header,
     parse_s3_url,
     probe,
 )
@@ -186,11 +188,12 @@ def test_secret_from_env_or_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         build_client(S3Config(access_key_id="AK", secret_access_key_file=tmp_path / "none"))
 
 
-def test_client_round_trip_without_checksum_trailers(
+def test_client_round_trip_with_a_crc32_header_and_no_trailers(
     seaweed: SeaweedS3, s3_bucket: str, tmp_path: Path
 ) -> None:
-    """The built client writes and reads SeaweedFS, and sends no checksum headers where S3
-    does not require them (plain PutObject)."""
+    """The built client writes and reads SeaweedFS with the payload unsigned (botocore
+    would hash every byte for SigV4) and a CRC32 header in its place, for byte and file
+    bodies alike; never the `aws-chunked` trailers some S3-compatible servers refuse."""
     client = build_client(settings(seaweed.endpoint, tmp_path))
     sent: list[dict[str, str]] = []
     client.meta.events.register(
@@ -198,9 +201,39 @@ def test_client_round_trip_without_checksum_trailers(
     )
     client.put_object(Bucket=s3_bucket, Key="k", Body=b"payload", IfNoneMatch="*")
     assert client.get_object(Bucket=s3_bucket, Key="k")["Body"].read() == b"payload"
-    [headers] = sent
-    assert not [h for h in headers if h.lower().startswith("x-amz-checksum")], headers
-    assert "aws-chunked" not in headers.get("Content-Encoding", "")
+    source = tmp_path / "body"
+    source.write_bytes(b"head" + os.urandom(3 * 1024 * 1024 + 5))
+    with open(source, "rb") as handle:
+        handle.seek(4)  # a file body is checksummed from where it stands, and put back
+        client.put_object(Bucket=s3_bucket, Key="f", Body=handle)
+    got = client.get_object(Bucket=s3_bucket, Key="f")["Body"].read()
+    assert got == source.read_bytes()[4:]
+    for headers, body in zip(sent, (b"payload", got), strict=True):
+        checksums = {h.lower(): v for h, v in headers.items() if "checksum" in h.lower()}
+        assert checksums == {"x-amz-checksum-crc32": crc32_header(body).encode()}, headers
+        assert headers["X-Amz-Content-SHA256"] in ("UNSIGNED-PAYLOAD", b"UNSIGNED-PAYLOAD")
+        assert b"aws-chunked" not in bytes(headers.get("Content-Encoding", b""))
+
+
+def test_a_body_damaged_on_the_way_is_refused(
+    seaweed: SeaweedS3, s3_bucket: str, tmp_path: Path
+) -> None:
+    """With the payload unsigned, the CRC32 is what makes S3 refuse bytes that do not
+    match: a whole object and a multipart part (the two ways regproxy writes)."""
+    client = build_client(settings(seaweed.endpoint, tmp_path))
+    wrong = crc32_header(b"other bytes")
+    with pytest.raises(ClientError, match="BadDigest"):
+        client.put_object(Bucket=s3_bucket, Key="bad", Body=b"payload", ChecksumCRC32=wrong)
+    upload = client.create_multipart_upload(
+        Bucket=s3_bucket, Key="parts", ChecksumAlgorithm="CRC32"
+    )["UploadId"]
+    with pytest.raises(ClientError, match="BadDigest"):
+        client.upload_part(
+            Bucket=s3_bucket, Key="parts", UploadId=upload, PartNumber=1, Body=b"x" * 100,
+            ChecksumCRC32=wrong,
+        )  # fmt: skip
+    client.abort_multipart_upload(Bucket=s3_bucket, Key="parts", UploadId=upload)
+    assert "Contents" not in client.list_objects_v2(Bucket=s3_bucket, Prefix="bad")
 
 
 # ---- probe against SeaweedFS --------------------------------------------------------------
