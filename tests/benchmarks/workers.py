@@ -1,9 +1,9 @@
 """Benchmark: `workers = 2` against `workers = 1`, same machine, same run.
 
 ```sh
-python -m tests.workers.bench                 # everything: about 5 minutes on 2 cores
-python -m tests.workers.bench --only small    # sections: moves small https proxy
-python -m tests.workers.bench --quick         # 2 s loads, 1 repetition, small blobs
+python -m tests.benchmarks.workers                 # everything: about 5 minutes on 2 cores
+python -m tests.benchmarks.workers --only small    # sections: moves small https proxy
+python -m tests.benchmarks.workers --quick         # 2 s loads, 1 repetition, small blobs
 ```
 
 - **moves**: what an upload session moving between workers costs: the running hash of a
