@@ -24,6 +24,7 @@ from regproxy.errors import ConfigError
 from regproxy.server import ops
 from regproxy.server.app import create_app
 from regproxy.server.keys import CONFIG
+from regproxy.server.tls_suites import prefer_aes128
 from regproxy.server.workers import REPLICA, Worker, replica_hook
 
 log = logging.getLogger("regproxy")
@@ -56,6 +57,7 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    prefer_aes128(context)  # what Go's servers pick: less CPU per byte sent (tls_suites)
     try:
         context.load_cert_chain(cert, key)
     except OSError as exc:
