@@ -7,7 +7,6 @@ from typing import BinaryIO
 
 from aiohttp import web
 
-from regproxy.aiohttp_adapter import send_file_range
 from regproxy.digest import Digest
 from regproxy.proxy.cache import CACHE_STATUS, HIT, MISS
 from regproxy.proxy.flights import BlobFlight, FlightFailed
@@ -19,6 +18,7 @@ from regproxy.server.responses import (
     blob_headers,
     manifest_response,
     send_blob_file,
+    send_span,
 )
 
 
@@ -100,8 +100,9 @@ async def _stream_flight(
                     await response.write(piece)
         else:
             async with contextlib.aclosing(flight.spans()) as spans:
+                offload = request.app[OFFLOAD]
                 async for start, end in spans:
-                    await send_file_range(request, handle, start, end - start)
+                    await send_span(request, response, handle, digest, start, end, offload)
     except FlightFailed:
         # never let a failed fetch look like a complete body: cut the connection. The
         # fetch logged its failure once; raising here would add aiohttp's traceback for

@@ -161,14 +161,29 @@ async def send_blob_file(
         start, end, response = _span_headers(request, digest, size, extra)
         await response.prepare(request)
         if request.method != "HEAD" and end > start:
-            if _over_tls(request):
-                await _send_file_tls(request, response, handle, digest, start, end, offload)
-            else:
-                await send_file_range(request, handle, start, end - start)
+            await send_span(request, response, handle, digest, start, end, offload)
         await response.write_eof()
         return response
     finally:
         await offload.run(handle.close)
+
+
+async def send_span(
+    request: web.Request,
+    response: web.StreamResponse,
+    handle: BinaryIO,
+    digest: Digest,
+    start: int,
+    end: int,
+    offload: Offload,
+) -> None:
+    """Bytes `[start, end)` of a local blob file (stored, or a spool file as a fetch fills
+    it) as part of `response`'s body, already prepared with a Content-Length: by the
+    kernel's sendfile over plain HTTP, in large reads ahead of the writes over TLS."""
+    if _over_tls(request):
+        await _send_file_tls(request, response, handle, digest, start, end, offload)
+    else:
+        await send_file_range(request, handle, start, end - start)
 
 
 def _read_piece(fd: int, count: int, position: int) -> bytes:

@@ -8,18 +8,23 @@ servers on 127.0.0.1 with a certificate from a test CA; clients verify it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import socket
 import ssl
+import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from regproxy.server import responses
+from regproxy.server import runner as runner_mod
 from tests.support.certs import TestCA
 from tests.support.digests import sha256
+from tests.support.fake_upstream import FakeUpstream
 from tests.support.inprocess import make_config
 from tests.support.proxy import wait_until
 from tests.support.served import ServedRegistry, request_head, serve_registry
@@ -257,3 +262,105 @@ async def test_a_monolithic_push_over_tls(tls_registry: ServedRegistry) -> None:
     digest = await push(tls_registry, "tls/mono", data)
     resp = await tls_registry.http.get(f"/v2/tls/mono/blobs/{digest}")
     assert await resp.read() == data
+
+
+def _handshake(port: int, context: ssl.SSLContext) -> tuple[str, str]:
+    """Connect, send a request, and return the negotiated (suite, protocol)."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as conn,
+    ):
+        conn.sendall(b"GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        assert conn.recv(12).startswith(b"HTTP/1.1 ")
+        suite, protocol, _ = conn.cipher() or ("", "", 0)
+        return suite, protocol
+
+
+async def test_tls_suites_as_go_picks_them_and_no_weaker(
+    tls_registry: ServedRegistry, ca: TestCA, client_ssl: ssl.SSLContext
+) -> None:
+    """TLS 1.3 clients get AES-128-GCM (as from docker's registry; OpenSSL alone would pick
+    AES-256-GCM: more CPU per byte sent), TLS 1.2 clients an ECDHE AEAD suite, and
+    nothing older is accepted. A certificate reload keeps the order."""
+    port = tls_registry.port
+    assert await asyncio.to_thread(_handshake, port, client_ssl) == (
+        "TLS_AES_128_GCM_SHA256",
+        "TLSv1.3",
+    )
+    tls12 = ssl.create_default_context(cafile=str(ca.ca_file))
+    tls12.maximum_version = ssl.TLSVersion.TLSv1_2
+    suite, protocol = await asyncio.to_thread(_handshake, port, tls12)
+    assert protocol == "TLSv1.2" and suite.startswith("ECDHE-") and "GCM" in suite, suite
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.load_verify_locations(cafile=str(ca.ca_file))
+    with warnings.catch_warnings():  # TLS 1.1 is deprecated: that is the point
+        warnings.simplefilter("ignore", DeprecationWarning)
+        with contextlib.suppress(ValueError):  # this OpenSSL may not even offer TLS 1.1
+            old.minimum_version = ssl.TLSVersion.TLSv1
+        old.maximum_version = ssl.TLSVersion.TLSv1_1
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        await asyncio.to_thread(_handshake, port, old)
+
+    context = runner_mod.tls_context(tls_registry.config)
+    assert context is not None
+    runner_mod.reload_tls(context, tls_registry.config)
+    srv, cli = socket.socketpair()
+    with srv, cli:
+        server = context.wrap_socket(srv, server_side=True, do_handshake_on_connect=False)
+        client = client_ssl.wrap_socket(
+            cli, server_hostname="127.0.0.1", do_handshake_on_connect=False
+        )
+        done = await asyncio.gather(
+            asyncio.to_thread(server.do_handshake), asyncio.to_thread(client.do_handshake)
+        )
+        assert done == [None, None]
+        assert client.cipher()[0] == "TLS_AES_128_GCM_SHA256"
+
+
+async def test_cold_pulls_through_the_cache_over_tls(
+    tmp_path: Path,
+    ca: TestCA,
+    client_ssl: ssl.SSLContext,
+    fake: FakeUpstream,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A blob still arriving from the upstream goes to TLS clients in large reads of the
+    spool, as a stored one does (asyncio's sendfile fallback took 16 KiB per step): every
+    reader gets it byte-identical, the upstream sends it once."""
+    monkeypatch.setattr(responses, "TLS_CHUNK", PIECE)
+    sent_over_tls: list[int] = []
+    send_file_tls = responses._send_file_tls
+
+    async def counting(*args: Any) -> None:
+        start, end = args[4], args[5]
+        sent_over_tls.append(end - start)
+        await send_file_tls(*args)
+
+    monkeypatch.setattr(responses, "_send_file_tls", counting)
+    data = os.urandom(5 * MIB + 7)
+    digest = fake.add_blob("lib/big", data)
+    fake.faults.chunk_delay = 0.02  # about half a second upstream: the pulls overlap it
+    cert = ca.issue(tmp_path / "cert")
+    config = make_config(
+        tmp_path,
+        server={"tls_certificate": str(cert.certificate), "tls_key": str(cert.key)},
+        proxy={"upstreams": {"up": {"url": fake.url}}},
+    )
+    registry = await serve_registry(config, client_ssl=client_ssl)
+    try:
+
+        async def pull() -> bytes:
+            resp = await registry.http.get(f"/v2/p/up/lib/big/blobs/{digest}")
+            assert resp.status == 200, await resp.text()
+            return await resp.read()
+
+        bodies = await asyncio.gather(*(pull() for _ in range(3)))
+        assert all(body == data for body in bodies)
+        assert fake.count("GET", "blob") == 1
+        assert sum(sent_over_tls) == 3 * len(data)
+        assert len(sent_over_tls) > 3  # spans sent while the fetch went on
+        warm = await pull()  # and from the cache, once stored
+        assert warm == data
+        assert sum(sent_over_tls) == 4 * len(data)
+    finally:
+        await registry.close()
