@@ -17,9 +17,12 @@ from typing import BinaryIO
 
 from aiohttp import web
 
+from regproxy import aiohttp_adapter
 from regproxy.aiohttp_adapter import send_file_range
 from regproxy.digest import Digest
 from regproxy.errors import BlobUnknown, RangeNotSatisfiable
+from regproxy.server.keys import CONFIG
+from regproxy.sockwrite import ClientStalled, SocketWriter
 from regproxy.storage.aio import Offload
 from regproxy.storage.store import Store, StoredManifest
 
@@ -283,8 +286,12 @@ async def _send_remote(
     except FileNotFoundError:
         raise BlobUnknown(detail={"digest": str(digest)}) from None
     reading: asyncio.Future[bytes] | None = None
+    writer: SocketWriter | None = None
     try:
         await response.prepare(request)
+        fd = await aiohttp_adapter.direct_socket(request)
+        if fd is not None:  # plain HTTP: a thread writes each piece to the socket
+            writer = SocketWriter(fd, float(request.app[CONFIG].server.body_timeout))
         left = end - start
         # the next chunk is read from the object store while this one goes to the client
         reading = asyncio.ensure_future(offload.run(stream.read, min(RELAY_CHUNK, left)))
@@ -298,10 +305,20 @@ async def _send_remote(
             left -= len(chunk)
             if left > 0:
                 reading = asyncio.ensure_future(offload.run(stream.read, min(RELAY_CHUNK, left)))
-            await response.write(chunk)
+            if writer is None:
+                await response.write(chunk)
+                continue
+            try:
+                await writer.write(chunk)
+            except ClientStalled as exc:
+                return _cut_short(request, response, digest, str(exc), client=True)
+            except OSError as exc:
+                raise ConnectionResetError(f"client went away: {exc}") from None
         await response.write_eof()
         return response
     finally:
+        if writer is not None:
+            writer.close()
         if reading is not None and not reading.done():
             # a client that left: the read in its thread finishes before the stream closes
             with contextlib.suppress(Exception):
@@ -310,13 +327,19 @@ async def _send_remote(
 
 
 def _cut_short(
-    request: web.Request, response: web.StreamResponse, digest: Digest, reason: str
+    request: web.Request,
+    response: web.StreamResponse,
+    digest: Digest,
+    reason: str,
+    client: bool = False,
 ) -> web.StreamResponse:
-    """The object store failed while its blob was relayed: the status line and part of
-    the body are out, so no error answer can follow (it would land inside the body), and
-    a short body must never look complete. The connection is aborted, and the failure
-    logged in one line (raising would make aiohttp log a traceback per download)."""
-    log.warning("object store failed while relaying %s, connection cut: %s", digest, reason[:300])
+    """The object store failed while its blob was relayed (or, `client`, the client took
+    nothing for too long): the status line and part of the body are out, so no error
+    answer can follow (it would land inside the body), and a short body must never look
+    complete. The connection is aborted, and the failure logged in one line (raising
+    would make aiohttp log a traceback per download)."""
+    who = "client stalled" if client else "object store failed"
+    log.warning("%s while relaying %s, connection cut: %s", who, digest, reason[:300])
     if request.transport is not None:
         request.transport.abort()
     return response
