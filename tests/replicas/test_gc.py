@@ -44,8 +44,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 DURATION = float(os.environ.get("REPLICAS_GC_SECONDS", "6"))
 #: gc runs the soak waits for after DURATION (a loaded machine runs fewer), up to LONGEST
-GC_RUNS = 3
-LONGEST = 45.0
+GC_RUNS = 2
+LONGEST = 30.0
 PUSHERS = 3
 #: seconds: gc keeps what was pushed or touched within 1 s of its start; a refusal this
 #: soon after the blobs were pushed means gc swept something it must not

@@ -27,7 +27,7 @@ from tests.support.seaweed import SeaweedS3
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
-DURATION = float(os.environ.get("S3_GC_STRESS_SECONDS", "10"))
+DURATION = float(os.environ.get("S3_GC_STRESS_SECONDS", "6"))  # longer soaks: set it
 #: gc runs the soak waits for after DURATION (a loaded machine runs fewer), up to LONGEST
 GC_RUNS = 4
 LONGEST = 60.0

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,11 @@ async def _push(registry: ServedRegistry, name: str, data: bytes) -> str:
 async def _connect(
     registry: ServedRegistry, receive_buffer: int | None = None
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", registry.port, limit=4 * MIB)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if receive_buffer is not None:  # a fixed size: no autotuning up to tcp_rmem's maximum
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.connect(("127.0.0.1", registry.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=4 * MIB)
     registry.sockets.append(writer)
     return reader, writer
 
@@ -110,9 +115,9 @@ async def test_a_client_that_stops_reading_is_cut_off(
     start: Start, writers: list[int], caplog: pytest.LogCaptureFixture
 ) -> None:
     registry = await start(server={"body_timeout": "1s"})
-    data = os.urandom(48 * MIB)  # far more than the socket buffers on both sides hold
+    data = os.urandom(16 * MIB)  # far more than the socket buffers on both sides hold
     digest = await _push(registry, "relay/stall", data)
-    reader, writer = await _connect(registry)
+    reader, writer = await _connect(registry, receive_buffer=64 * 1024)
     writer.transport.pause_reading()  # takes nothing from now on
     caplog.set_level(logging.WARNING)
     writer.write(request_head("GET", f"/v2/relay/stall/blobs/{digest}"))
