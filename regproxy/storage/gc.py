@@ -22,6 +22,7 @@ from regproxy.digest import Digest
 from regproxy.errors import RegistryError
 from regproxy.storage.fs import remove_older_than
 from regproxy.storage.layout import LAYERS, TEMP_MAX_AGE
+from regproxy.storage.replicas import sweep_stale_claims
 from regproxy.storage.store import Store
 
 MAX_LISTED = 1000
@@ -213,6 +214,8 @@ def collect(
     report.temp_files_removed += store.backend.sweep_leftovers(
         store.layout.tmp, max(started - cutoff, floor), started, dry_run
     )
+    # blob claims of replicas that died mid-fetch (proxy store; whatever the grace period)
+    report.temp_files_removed += sweep_stale_claims(store, started, dry_run)
     report.seconds = time.time() - started
     return report
 

@@ -16,7 +16,8 @@ small objects in the store:
 - A claim is taken with put-if-absent; the holder renews it while it fetches and removes
   it when done. A claim past `expires` (its holder died) is taken over. Two replicas that
   take over the same dead claim at once may both fetch: only after a crash, and both
-  commits are of the same content-addressed bytes.
+  commits are of the same content-addressed bytes. `gc` removes claims not rewritten
+  for an hour (`sweep_stale_claims`): a dead holder's, for a blob nobody pulled again.
 
 Records are cached in memory for `RECORD_TTL` seconds: the lookup sits in the path of
 every forwarded request, and a replica's address changes only when it restarts.
@@ -44,6 +45,11 @@ MISS_TTL = 1.0
 #: seconds a blob claim lives without renewal; the holder renews every `CLAIM_RENEW`
 CLAIM_TTL = 30.0
 CLAIM_RENEW = 10.0
+#: a claim not rewritten for this long was left by a replica that died mid-fetch (a live
+#: holder rewrites it every `CLAIM_RENEW`): `gc` removes it
+CLAIM_LITTER_AGE = 3600.0
+#: where claims live, under the proxy store's root
+CLAIMS = "claims"
 
 
 @dataclass(frozen=True)
@@ -102,7 +108,7 @@ class Replicas:
         return self.registry.layout.root / "replicas" / replica_id
 
     def _claim_path(self, digest: Digest) -> Path:
-        return self.proxy.layout.root / "claims" / digest.algorithm / digest.hex
+        return self.proxy.layout.root / CLAIMS / digest.algorithm / digest.hex
 
     def register(self) -> None:
         """Publish how to reach this replica (at start-up; replaces its previous record)."""
@@ -198,3 +204,17 @@ def _load_claim(data: bytes | None) -> tuple[str | None, float]:
     if not isinstance(holder, str) or not isinstance(expires, int | float):
         return None, 0.0
     return holder, float(expires)
+
+
+def sweep_stale_claims(store: Store, now: float, dry_run: bool) -> int:
+    """Remove the blob claims of `store` not rewritten for `CLAIM_LITTER_AGE` seconds
+    before `now`: their holders died mid-fetch (a claim that merely expired is taken over
+    by the next pull, but one for a blob nobody pulls again would stay). How many."""
+    root = store.layout.root / CLAIMS
+    removed = 0
+    for entry in store.backend.files(root):
+        if entry.mtime < now - CLAIM_LITTER_AGE:
+            removed += 1
+            if not dry_run:
+                store.backend.remove(root / entry.name)
+    return removed
