@@ -2,8 +2,9 @@
 
 Real sockets (a connected pair, the writer's side non-blocking as asyncio leaves it):
 everything arrives in order, a client that takes nothing is cut off after the idle
-timeout, a client that left is an OSError, and a cancelled write stops its thread before
-the descriptor can be closed under it.
+timeout, a client that left is an OSError, a cancelled write ends its thread's work
+before returning, and clients that stop reading hold no thread: more of them than the
+pool has threads do not delay a client that reads.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 
 from regproxy import sockwrite
-from regproxy.sockwrite import ClientStalled, SocketWriter, WriterStopped, send_all
+from regproxy.sockwrite import ClientStalled, SocketWriter, send_some
 
 MIB = 1024 * 1024
 
@@ -43,67 +43,103 @@ def _read_all(sock: socket.socket, count: int, into: bytearray) -> None:
         into += chunk
 
 
-def test_everything_arrives_in_order(pair: tuple[socket.socket, socket.socket]) -> None:
+def _writer(sock: socket.socket, idle_timeout: float = 5.0) -> SocketWriter:
+    return SocketWriter(os.dup(sock.fileno()), idle_timeout)
+
+
+async def test_everything_arrives_in_order(pair: tuple[socket.socket, socket.socket]) -> None:
     server, client = pair
     data = os.urandom(8 * MIB + 3)  # far more than the socket buffers hold
     got = bytearray()
     reader = threading.Thread(target=_read_all, args=(client, len(data), got))
     reader.start()
-    send_all(server.fileno(), data, 5.0, threading.Event())
-    reader.join(10)
+    writer = _writer(server)
+    try:
+        for at in range(0, len(data), MIB):
+            await writer.write(data[at : at + MIB])
+    finally:
+        writer.close()
+    await asyncio.to_thread(reader.join, 10)
     assert bytes(got) == data
 
 
-def test_a_client_taking_nothing_is_cut_off(pair: tuple[socket.socket, socket.socket]) -> None:
-    server, _ = pair
-    started = time.monotonic()
-    with pytest.raises(ClientStalled):
-        send_all(server.fileno(), os.urandom(16 * MIB), 0.3, threading.Event())
-    assert time.monotonic() - started < 3
-
-
-def test_a_client_that_left_is_an_oserror(pair: tuple[socket.socket, socket.socket]) -> None:
-    server, client = pair
-    client.close()
-    with pytest.raises(OSError):
-        send_all(server.fileno(), os.urandom(MIB), 5.0, threading.Event())
-
-
-def test_stop_ends_a_blocked_write(pair: tuple[socket.socket, socket.socket]) -> None:
-    server, _ = pair
-    stop = threading.Event()
-    threading.Timer(0.2, stop.set).start()
-    with pytest.raises(WriterStopped):
-        send_all(server.fileno(), os.urandom(16 * MIB), 60.0, stop)
-
-
-async def test_a_cancelled_write_stops_its_thread_before_returning(
+def test_send_some_stops_when_the_socket_is_full(
     pair: tuple[socket.socket, socket.socket],
 ) -> None:
     server, _ = pair
-    writer = SocketWriter(os.dup(server.fileno()), idle_timeout=60.0)
+    data = memoryview(os.urandom(16 * MIB))
+    sent = send_some(server.fileno(), data)
+    assert 0 < sent < len(data)  # nobody reads: it returns instead of waiting
+    assert send_some(server.fileno(), data[sent:]) == 0
+
+
+async def test_a_client_taking_nothing_is_cut_off(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    server, _ = pair
+    writer = _writer(server, idle_timeout=0.3)
+    started = time.monotonic()
+    with pytest.raises(ClientStalled):
+        await writer.write(os.urandom(16 * MIB))
+    assert time.monotonic() - started < 3
+    writer.close()
+
+
+async def test_a_client_that_left_is_an_oserror(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    server, client = pair
+    client.close()
+    writer = _writer(server)
+    with pytest.raises(OSError):
+        await writer.write(os.urandom(MIB))
+    writer.close()
+
+
+async def test_a_cancelled_write_returns_at_once_and_closes_once(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    server, _ = pair
+    writer = _writer(server, idle_timeout=60.0)
     task = asyncio.ensure_future(writer.write(os.urandom(16 * MIB)))
-    await asyncio.sleep(0.2)  # blocked: nobody reads
+    await asyncio.sleep(0.2)  # waiting for room: nobody reads
     task.cancel()
     async with asyncio.timeout(2):
         with pytest.raises(asyncio.CancelledError):
             await task
-    busy = [t for t in threading.enumerate() if t.name.startswith("regproxy-send")]
-    assert all(_idle(t) for t in busy)
     writer.close()
     assert writer.fd == -1
     writer.close()  # twice is harmless
 
 
-def _idle(thread: threading.Thread) -> bool:
-    """A pool thread that is not inside `send_all` (waiting for work, or gone)."""
-    frame = sys._current_frames().get(thread.ident or -1)
-    while frame is not None:
-        if frame.f_code.co_name == "send_all":
-            return False
-        frame = frame.f_back
-    return True
-
-
-def test_the_pool_is_bounded() -> None:
-    assert sockwrite._executor._max_workers == sockwrite.MAX_WRITERS
+async def test_stalled_clients_hold_no_thread() -> None:
+    """More clients that stop reading than the pool has threads: a client that reads
+    still gets its body at once."""
+    pairs = [socket.socketpair() for _ in range(sockwrite.MAX_WRITERS * 2 + 1)]
+    try:
+        for server, _ in pairs:
+            server.setblocking(False)
+        writers = [_writer(server, idle_timeout=30.0) for server, _ in pairs[:-1]]
+        stalled = [asyncio.ensure_future(w.write(os.urandom(8 * MIB))) for w in writers]
+        await asyncio.sleep(0.3)  # every stalled write is waiting for room
+        assert not any(task.done() for task in stalled)
+        server, client = pairs[-1]
+        data = os.urandom(4 * MIB)
+        got = bytearray()
+        reader = threading.Thread(target=_read_all, args=(client, len(data), got))
+        reader.start()
+        writer = _writer(server)
+        async with asyncio.timeout(5):
+            await writer.write(data)
+        writer.close()
+        await asyncio.to_thread(reader.join, 10)
+        assert bytes(got) == data
+        for task in stalled:
+            task.cancel()
+        await asyncio.gather(*stalled, return_exceptions=True)
+        for w in writers:
+            w.close()
+    finally:
+        for server, client in pairs:
+            server.close()
+            client.close()
