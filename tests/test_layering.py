@@ -25,8 +25,6 @@ LAYERS = {
     "regproxy.errors": [*ABOVE_LEAVES, "aiohttp"],
     # large HTTP bodies off aiohttp: a leaf used by both server and proxy, duck-typed
     "regproxy.sockbody": [*ABOVE_LEAVES, "aiohttp"],
-    # large response bodies written to the socket by threads: the same kind of leaf
-    "regproxy.sockwrite": [*ABOVE_LEAVES, "aiohttp"],
     "regproxy.server.tls_suites": [*ABOVE_SERVER, "aiohttp"],
     # aiohttp's internals fenced in: a leaf over aiohttp and sockbody, for server and proxy
     "regproxy.aiohttp_adapter": [*ABOVE_LEAVES, "click", "rich"],

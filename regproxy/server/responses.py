@@ -17,12 +17,10 @@ from typing import BinaryIO
 
 from aiohttp import web
 
-from regproxy import aiohttp_adapter
 from regproxy.aiohttp_adapter import send_file_range
 from regproxy.digest import Digest
 from regproxy.errors import BlobUnknown, RangeNotSatisfiable
 from regproxy.server.keys import CONFIG
-from regproxy.sockwrite import ClientStalled, SocketWriter
 from regproxy.storage.aio import Offload
 from regproxy.storage.store import Store, StoredManifest
 
@@ -286,12 +284,9 @@ async def _send_remote(
     except FileNotFoundError:
         raise BlobUnknown(detail={"digest": str(digest)}) from None
     reading: asyncio.Future[bytes] | None = None
-    writer: SocketWriter | None = None
+    stall = float(request.app[CONFIG].server.body_timeout)
     try:
         await response.prepare(request)
-        fd = await aiohttp_adapter.direct_socket(request)
-        if fd is not None:  # plain HTTP: a thread writes each piece to the socket
-            writer = SocketWriter(fd, float(request.app[CONFIG].server.body_timeout))
         left = end - start
         # the next chunk is read from the object store while this one goes to the client
         reading = asyncio.ensure_future(offload.run(stream.read, min(RELAY_CHUNK, left)))
@@ -305,20 +300,16 @@ async def _send_remote(
             left -= len(chunk)
             if left > 0:
                 reading = asyncio.ensure_future(offload.run(stream.read, min(RELAY_CHUNK, left)))
-            if writer is None:
-                await response.write(chunk)
-                continue
             try:
-                await writer.write(chunk)
-            except ClientStalled as exc:
-                return _cut_short(request, response, digest, str(exc), client=True)
-            except OSError as exc:
-                raise ConnectionResetError(f"client went away: {exc}") from None
+                # a client that takes nothing must not hold the object store's connection
+                async with asyncio.timeout(stall):
+                    await response.write(chunk)
+            except TimeoutError:
+                reason = f"the client took nothing for {stall:g} s"
+                return _cut_short(request, response, digest, reason, client=True)
         await response.write_eof()
         return response
     finally:
-        if writer is not None:
-            writer.close()
         if reading is not None and not reading.done():
             # a client that left: the read in its thread finishes before the stream closes
             with contextlib.suppress(Exception):
