@@ -28,6 +28,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 
 from regproxy import aiohttp_adapter as adapter
+from regproxy.server.logs import MalformedRequestLine
 from regproxy.sockbody import DIRECT_MIN, TakenBody, drive, pump
 
 #: every exchange here ends well within this
@@ -511,3 +512,49 @@ async def test_malformed_requests_are_logged_as_assumed(
     assert adapter.malformed_request(reports[2]) is None, fix(
         "malformed_request", "a server error was taken for a malformed request"
     )
+
+
+async def test_a_client_gone_mid_body_is_logged_as_assumed(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A handler reading a body whose client leaves: aiohttp reports it as
+    `client_gone` reads it; regproxy's filter makes it one INFO line, no traceback."""
+    monkeypatch.setattr(adapter.server_logger(), "filters", [])
+    caplog.set_level(logging.DEBUG, logger=adapter.SERVER_LOGGER)
+    finished = asyncio.Event()
+
+    async def upload(request: web.Request) -> web.Response:
+        try:
+            await request.read()
+        finally:
+            finished.set()
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_put("/up", upload)
+    async with serving(app) as (_, port):
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"PUT /up HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"x" * 10)
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.transport.abort()  # gone, mid-body
+        await asyncio.wait_for(finished.wait(), WAIT)
+        await asyncio.sleep(0.1)  # aiohttp reports after the handler
+    reports = [
+        r for r in caplog.records
+        if r.name == adapter.SERVER_LOGGER and r.msg == "Error handling request from %s"
+    ]  # fmt: skip
+    assert len(reports) == 1, fix("client_gone", "aiohttp did not report the handler's end")
+    assert adapter.client_gone(reports[0]) == "127.0.0.1", fix(
+        "client_gone", f"the record was read as {adapter.client_gone(reports[0])!r}"
+    )
+    assert adapter.malformed_request(reports[0]) is None
+    record = reports[0]
+    MalformedRequestLine().filter(record)
+    assert record.levelno == logging.INFO and record.exc_info is None
+    assert record.getMessage().startswith("client 127.0.0.1 went away mid-request")
+    bug = logging.LogRecord(
+        adapter.SERVER_LOGGER, logging.ERROR, __file__, 1, "Error handling request from %s",
+        ("127.0.0.1",), (RuntimeError, RuntimeError("a bug"), None),
+    )  # fmt: skip
+    assert adapter.client_gone(bug) is None

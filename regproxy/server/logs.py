@@ -324,19 +324,29 @@ def setup(app: web.Application) -> None:
 class MalformedRequestLine(logging.Filter):
     """aiohttp logs every request it cannot parse (a bad request line, header or chunk)
     with a full traceback at ERROR: a few bytes from anybody would write kilobytes to the
-    log. Those are the client's errors, answered 400: one short INFO line says enough.
+    log. Those are the client's errors, answered 400: one short INFO line says enough. So
+    is a client that went away mid-request (a push cancelled while its body was sent).
     Anything else aiohttp reports (a real error in the server) keeps its traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         malformed = aiohttp_adapter.malformed_request(record)
         if malformed is not None:
             remote, reason = malformed
-            record.msg = "malformed request from %s: %s"
-            record.args = (remote, cut(reason.replace("\n", " "), 200))
-            record.exc_info = None
-            record.exc_text = None
-            record.levelno, record.levelname = logging.INFO, "INFO"
+            _one_info_line(record, "malformed request from %s: %s", remote, reason)
+            return True
+        gone = aiohttp_adapter.client_gone(record)
+        if gone is not None:
+            exc = record.exc_info[1] if record.exc_info else None
+            _one_info_line(record, "client %s went away mid-request: %s", gone, str(exc))
         return True
+
+
+def _one_info_line(record: logging.LogRecord, message: str, remote: str, reason: str) -> None:
+    record.msg = message
+    record.args = (remote, cut(reason.replace("\n", " "), 200))
+    record.exc_info = None
+    record.exc_text = None
+    record.levelno, record.levelname = logging.INFO, "INFO"
 
 
 def cut(text: str, limit: int) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.digests import sha256
+from tests.support.oci import push_blob
 from tests.support.proxy import wait_until
 from tests.support.s3store import s3_config
 from tests.support.seaweed import SeaweedS3
@@ -53,13 +53,6 @@ async def start(seaweed: SeaweedS3, s3_bucket: str, tmp_path: Path) -> AsyncIter
             await registry.close()
 
 
-async def _push(registry: ServedRegistry, name: str, data: bytes) -> str:
-    digest = sha256(data)
-    resp = await registry.http.post(f"/v2/{name}/blobs/uploads/?digest={digest}", data=data)
-    assert resp.status == 201, await resp.text()
-    return digest
-
-
 async def _connect(
     registry: ServedRegistry, receive_buffer: int | None = None
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -75,7 +68,7 @@ async def _connect(
 async def test_relayed_bodies_are_the_blob_and_the_connection_carries_on(start: Start) -> None:
     registry = await start()
     data = os.urandom(5 * MIB + 11)  # several relay pieces, the last one short
-    digest = await _push(registry, "relay/app", data)
+    digest = await push_blob(registry.http, "relay/app", data)
     reader, writer = await _connect(registry)
     url = f"/v2/relay/app/blobs/{digest}"
     for headers, expected in [
@@ -98,7 +91,7 @@ async def test_a_client_that_stops_reading_is_cut_off(
 ) -> None:
     registry = await start(server={"body_timeout": "1s"})
     data = os.urandom(16 * MIB)  # far more than the socket buffers on both sides hold
-    digest = await _push(registry, "relay/stall", data)
+    digest = await push_blob(registry.http, "relay/stall", data)
     reader, writer = await _connect(registry, receive_buffer=64 * 1024)
     writer.transport.pause_reading()  # takes nothing from now on
     caplog.set_level(logging.WARNING)
@@ -121,7 +114,7 @@ async def test_a_client_that_stops_reading_is_cut_off(
 async def test_a_client_leaving_mid_body_frees_everything(start: Start) -> None:
     registry = await start()
     data = os.urandom(16 * MIB)
-    digest = await _push(registry, "relay/leave", data)
+    digest = await push_blob(registry.http, "relay/leave", data)
     fds = len(os.listdir("/proc/self/fd"))
     for _ in range(3):
         reader, writer = await _connect(registry)
