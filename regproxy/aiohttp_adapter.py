@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 from collections.abc import Callable
 from typing import IO, Any, cast
 
@@ -26,7 +27,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from regproxy.sockbody import TakenBody, take_over
+from regproxy.sockbody import TakenBody, plain_socket, take_over
 
 #: the aiohttp releases these assumptions were last checked against (by the test module)
 CHECKED_WITH = "3.14.5"
@@ -209,6 +210,34 @@ async def send_file_range(
     if transport is None or transport.is_closing():
         raise ConnectionResetError("client went away")
     await asyncio.get_running_loop().sendfile(transport, handle, start, count)
+
+
+#: how long `direct_socket` waits for a response head to leave the transport's buffer
+HEAD_FLUSH_WAIT = 1.0
+
+
+async def direct_socket(request: web.BaseRequest) -> int | None:
+    """A duplicate of the client socket's descriptor, for a thread to write the rest of a
+    prepared response's Content-Length body to (`splice_relay`); None when it cannot: TLS
+    (the socket carries ciphertext), a closing connection, or a head still waiting in the
+    transport's buffer after `HEAD_FLUSH_WAIT` (then aiohttp writes the body as usual).
+    A duplicate, so the transport closing its own cannot free the number under a write.
+
+    Relies on (checked with 3.14.x), as `send_file_range` does: `StreamResponse.prepare()`
+    handing the head to the transport at once, aiohttp writing nothing more on the
+    connection until the handler returns, and `write_eof()` adding nothing for a
+    Content-Length body."""
+    transport = request.transport
+    sock = plain_socket(transport)
+    if sock is None or transport is None:
+        return None
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + HEAD_FLUSH_WAIT
+    while transport.get_write_buffer_size():
+        if loop.time() > give_up or transport.is_closing():
+            return None
+        await asyncio.sleep(0.005)
+    return os.dup(sock.fileno())
 
 
 def request_task_outcome(task: asyncio.Task[Any]) -> tuple[web.StreamResponse | None, bool]:

@@ -13,14 +13,18 @@ import contextlib
 import logging
 import os
 import re
+import threading
+from pathlib import Path
 from typing import BinaryIO
 
 from aiohttp import web
 
+from regproxy import aiohttp_adapter, splice_relay
 from regproxy.aiohttp_adapter import send_file_range
 from regproxy.digest import Digest
 from regproxy.errors import BlobUnknown, RangeNotSatisfiable
 from regproxy.server.keys import CONFIG
+from regproxy.storage import s3client
 from regproxy.storage.aio import Offload
 from regproxy.storage.store import Store, StoredManifest
 
@@ -106,6 +110,9 @@ def byte_range(request: web.Request, digest: Digest, size: int) -> tuple[int, in
 REDIRECT_SECONDS = 300
 #: bytes read from an object store per step while relaying a blob
 RELAY_CHUNK = 1024 * 1024
+#: the smallest span relayed by splice (smaller ones: a connection and a presigned URL
+#: of their own cost more than the copies they save)
+SPLICE_MIN = 1024 * 1024
 #: bytes read from a local blob file per step when the connection is TLS (see
 #: `_send_file_tls`): large enough that OpenSSL writes full records back to back and the
 #: thread hop is paid once per MiB, small enough to bound each connection's memory
@@ -279,15 +286,115 @@ async def _send_remote(
         await response.prepare(request)
         await response.write_eof()
         return response
+    stall = float(request.app[CONFIG].server.body_timeout)
+    if end - start >= SPLICE_MIN and _can_splice(request):
+        try:
+            source = await _open_source(store, path, digest, start, end, offload)
+            if source is not None:
+                return await _relay_spliced(request, response, source, digest, stall, offload)
+        finally:
+            splice_relay.free_slot()
     try:
         stream = await offload.run(store.backend.open_read, path, start, end)
     except FileNotFoundError:
         raise BlobUnknown(detail={"digest": str(digest)}) from None
-    reading: asyncio.Future[bytes] | None = None
-    stall = float(request.app[CONFIG].server.body_timeout)
+    return await _relay_stream(request, response, stream, digest, end - start, stall, offload)
+
+
+def _can_splice(request: web.Request) -> bool:
+    """Whether a relay may go by splice: the platform has it, the client's connection is
+    plain TCP, and a relay slot is free (taken here: the caller frees it)."""
+    return splice_relay.available() and not _over_tls(request) and splice_relay.take_slot()
+
+
+async def _open_source(
+    store: Store, path: Path, digest: Digest, start: int, end: int, offload: Offload
+) -> splice_relay.Source | None:
+    """The object store's ranged answer on a socket of our own, or None when the blob
+    cannot be fetched that way (no plain-HTTP URL, any other answer than the body asked
+    for: the S3 client then fetches it and maps the store's error)."""
+    url = await offload.run(store.backend.plain_http_url, path, REDIRECT_SECONDS)
+    if url is None:
+        return None
+    opening = asyncio.get_running_loop().run_in_executor(
+        splice_relay.executor,
+        splice_relay.open_source,
+        url,
+        start,
+        end,
+        s3client.CONNECT_TIMEOUT,  # as for the S3 client's own requests
+        s3client.READ_TIMEOUT,
+    )
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):  # the thread's connection must not leak
+            (await opening).close()
+        raise
+    except FileNotFoundError:
+        raise BlobUnknown(detail={"digest": str(digest)}) from None
+    except (splice_relay.SourceRefused, OSError) as exc:
+        log.info("relaying %s through the S3 client: %s", digest, exc)
+        return None
+
+
+async def _relay_spliced(
+    request: web.Request,
+    response: web.StreamResponse,
+    source: splice_relay.Source,
+    digest: Digest,
+    stall: float,
+    offload: Offload,
+) -> web.StreamResponse:
+    """The source's body to the client by the kernel (`splice_relay.relay` on its own
+    thread), or by aiohttp's writes when the client's socket cannot be had."""
     try:
         await response.prepare(request)
-        left = end - start
+        fd = await aiohttp_adapter.direct_socket(request)
+        if fd is None:
+            return await _relay_stream(
+                request, response, source, digest, source.count, stall, offload
+            )
+        stop = threading.Event()
+        job = asyncio.get_running_loop().run_in_executor(
+            splice_relay.executor, splice_relay.relay, source, fd, stall, stop
+        )
+        try:
+            await asyncio.shield(job)
+        except asyncio.CancelledError:
+            stop.set()  # the thread stops within `STOP_CHECK`, before the descriptor closes
+            with contextlib.suppress(Exception):
+                await job
+            raise
+        except splice_relay.ClientStalled as exc:
+            return _cut_short(request, response, digest, str(exc), client=True)
+        except splice_relay.SourceFailed as exc:
+            return _cut_short(request, response, digest, str(exc))
+        except splice_relay.ClientGone as exc:
+            raise ConnectionResetError(str(exc)) from None
+        finally:
+            os.close(fd)
+        await response.write_eof()
+        return response
+    finally:
+        source.close()
+
+
+async def _relay_stream(
+    request: web.Request,
+    response: web.StreamResponse,
+    stream: BinaryIO | splice_relay.Source,
+    digest: Digest,
+    count: int,
+    stall: float,
+    offload: Offload,
+) -> web.StreamResponse:
+    """`count` bytes of `stream` to the client through aiohttp, each piece read on a
+    storage thread while the last one is written."""
+    reading: asyncio.Future[bytes] | None = None
+    try:
+        await response.prepare(request)  # nothing when already prepared
+        left = count
         # the next chunk is read from the object store while this one goes to the client
         reading = asyncio.ensure_future(offload.run(stream.read, min(RELAY_CHUNK, left)))
         while left > 0:

@@ -115,6 +115,11 @@ class Backend(Protocol):
     def presign(self, path: Path, seconds: int) -> str | None:
         """A URL that serves the file to anybody for `seconds`; None when not supported."""
 
+    def plain_http_url(self, path: Path, seconds: int) -> str | None:
+        """A presigned `http://` URL this process can fetch the file from with a plain
+        socket of its own (for a zero-copy relay: `regproxy.splice_relay`); None when
+        there is none (local disk, an HTTPS endpoint, a proxy in the way)."""
+
     def prune(self, folder: Path, stop: Path) -> None:
         """Remove `folder` and its parents up to (not including) `stop` while empty, so
         listings no longer name them."""

@@ -286,6 +286,9 @@ class FsBackend:
     def presign(self, path: Path, seconds: int) -> str | None:
         return None
 
+    def plain_http_url(self, path: Path, seconds: int) -> str | None:
+        return None
+
     def prune(self, folder: Path, stop: Path) -> None:
         prune_empty_dirs(folder, stop)
 

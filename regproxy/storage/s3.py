@@ -35,6 +35,7 @@ from collections.abc import Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePath, PurePosixPath
 from typing import Any, BinaryIO
+from urllib.parse import urlsplit
 
 from regproxy.storage.backend import Entry
 from regproxy.storage.s3client import crc32_header
@@ -497,6 +498,23 @@ class S3Backend:
                 "ResponseContentType": "application/octet-stream",
             },
             ExpiresIn=seconds,
+        )
+
+    def plain_http_url(self, path: Path, seconds: int) -> str | None:
+        """Presigned for the endpoint this process uses (not `public_endpoint`), when that
+        is plain HTTP reached without a proxy (botocore would take `HTTP_PROXY` unless
+        `NO_PROXY` names the host)."""
+        endpoint = urlsplit(self.client.meta.endpoint_url)
+        if endpoint.scheme != "http" or not endpoint.hostname:
+            return None
+        import urllib.request  # here: a filesystem-only `serve` need not load it
+
+        if "http" in urllib.request.getproxies() and not urllib.request.proxy_bypass(
+            endpoint.hostname
+        ):
+            return None
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self.key(path)}, ExpiresIn=seconds
         )
 
     def prune(self, folder: Path, stop: Path) -> None:

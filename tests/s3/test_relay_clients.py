@@ -3,8 +3,10 @@
 regproxy on a real socket, both stores on SeaweedFS. The bodies are the blob's bytes,
 Range included, one after another on one keep-alive connection; a client that stops
 reading is cut off after `server.body_timeout` (it would otherwise hold one of the S3
-client's pooled connections for as long as it likes), and one that leaves mid-body frees
-its descriptors.
+client's pooled connections, or a splice relay's thread, for as long as it likes), and
+one that leaves mid-body frees its descriptors. Each test runs both ways a blob is
+relayed: by the kernel (`splice_relay`, plain HTTP on both legs) and through the S3
+client and aiohttp's writes (spans too small for splice, HTTPS endpoints, TLS clients).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from regproxy import splice_relay
+from regproxy.server import responses
 from tests.support.oci import push_blob
 from tests.support.proxy import wait_until
 from tests.support.s3store import s3_config
@@ -35,6 +39,25 @@ pytestmark = pytest.mark.timeout(90)
 
 MIB = 1024 * 1024
 Start = Callable[..., Awaitable[ServedRegistry]]
+
+
+@pytest.fixture(autouse=True, params=["splice", "stream"])
+def relay_way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Relay by splice (checked: it was used) or through the S3 client (splice off)."""
+    if request.param == "stream":
+        monkeypatch.setattr(responses, "SPLICE_MIN", 1 << 62)
+        yield
+        return
+    spliced: list[int] = []
+    relay = splice_relay.relay
+
+    def counted(source: splice_relay.Source, *args: Any) -> None:
+        spliced.append(source.count)
+        relay(source, *args)
+
+    monkeypatch.setattr(splice_relay, "relay", counted)
+    yield
+    assert spliced, "no blob went by splice"
 
 
 @pytest.fixture
