@@ -80,6 +80,34 @@ async def test_a_tls_pull_is_byte_identical(tls_registry: ServedRegistry) -> Non
     assert hashlib.sha256(body).hexdigest() == digest.split(":")[1]
 
 
+async def test_pieces_in_reused_buffers_stay_each_pulls_own(
+    tls_registry: ServedRegistry,
+) -> None:
+    """Many pieces per blob, several blobs at once: the two buffers each pull reads into
+    in turn never hand one pull's bytes (or a later piece's) to another."""
+    blobs = [os.urandom(11 * PIECE + n) for n in (1, 7, 3)]
+    digests = [await push(tls_registry, "tls/reuse", data) for data in blobs]
+
+    async def pull(digest: str) -> bytes:
+        resp = await tls_registry.http.get(f"/v2/tls/reuse/blobs/{digest}")
+        assert resp.status == 200
+        return await resp.read()
+
+    for _ in range(2):
+        bodies = await asyncio.gather(*(pull(d) for d in digests + digests))
+        assert bodies == blobs + blobs
+
+
+def test_a_buffer_still_viewed_is_never_reused() -> None:
+    buffer = bytearray(16)
+    assert responses._free_buffer(buffer) is buffer
+    held = memoryview(buffer)[2:5]  # as a transport that had not sent it yet would hold it
+    fresh = responses._free_buffer(buffer)
+    assert fresh is not buffer and len(fresh) == len(buffer)
+    held.release()
+    assert responses._free_buffer(buffer) is buffer
+
+
 async def test_small_and_empty_blobs_over_tls(tls_registry: ServedRegistry) -> None:
     for data in (b"", b"x", os.urandom(PIECE), os.urandom(PIECE + 1)):
         digest = await push(tls_registry, "tls/small", data)
@@ -177,15 +205,15 @@ async def test_a_slow_reader_holds_bounded_memory(
     data = os.urandom(size)
     digest = await push(tls_registry, "tls/slow", data)
     read_bytes = 0
-    real = responses._read_piece
+    real = responses._read_piece_into
 
-    def counting(fd: int, count: int, position: int) -> bytes:
+    def counting(fd: int, buffer: bytearray, count: int, position: int) -> memoryview:
         nonlocal read_bytes
-        piece = real(fd, count, position)
+        piece = real(fd, buffer, count, position)
         read_bytes += len(piece)
         return piece
 
-    monkeypatch.setattr(responses, "_read_piece", counting)
+    monkeypatch.setattr(responses, "_read_piece_into", counting)
     reader, writer = await _raw_tls(tls_registry, client_ssl, receive_buffer=128 * 1024)
     writer.write(request_head("GET", f"/v2/tls/slow/blobs/{digest}"))
     await writer.drain()
