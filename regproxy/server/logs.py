@@ -24,10 +24,10 @@ request id of the request they were logged in (`request_id` in JSON,
 
 Cost: the access log is on by default, so its line is made without the logging
 machinery when `serve`'s `LineWriter` is the only handler it would reach: the
-middleware gathers the values (`AccessEntry`), the writer formats them with one
-f-string into the bytes the formatters would write, and a thread writes them in
-batches (see `LineWriter`). With another handler in the way (pytest's caplog, a
-program embedding the app) the record is logged as usual.
+middleware gathers the values (`AccessEntry`), and the writer makes them, a batch at a
+time, with one f-string each into the bytes the formatters would write, and writes
+each batch with one write (see `LineWriter`). With another handler in the way
+(pytest's caplog, a program embedding the app) the record is logged as usual.
 """
 
 from __future__ import annotations
@@ -49,14 +49,17 @@ from collections import deque
 from collections.abc import Callable
 from datetime import datetime, timezone
 from select import PIPE_BUF
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from aiohttp import HttpVersion, web
+from aiohttp import HttpVersion, HttpVersion11, hdrs, web
 
 from regproxy import aiohttp_adapter
 from regproxy.config import LogConfig
 from regproxy.server.keys import USER
 from regproxy.server.metrics import METRICS, Handler, RequestMetrics, route_of
+
+if TYPE_CHECKING:
+    from yarl import URL  # aiohttp's, as `request.rel_url`
 
 REQUEST_ID_HEADER = "X-Request-ID"
 CACHE_STATUS_HEADER = "X-Cache-Status"
@@ -211,15 +214,13 @@ def _log_access(
     entry: AccessEntry = (
         request.remote or "-",
         request.method,
-        request.path_qs,
-        request.path,
-        request.query_string,
+        request.rel_url,
         request.version,
         status,
         sent,
         received,
-        headers.get("Referer"),
-        headers.get("User-Agent"),
+        headers.get(hdrs.REFERER),
+        headers.get(hdrs.USER_AGENT),
         duration,
         request[USER],
         response.headers.get(CACHE_STATUS_HEADER) if response is not None else None,
@@ -235,15 +236,13 @@ def _log_access(
 
 
 #: what the middleware gathers for an access line, formatted later (`access_args` for
-#: text, `access_fields` for JSON): remote, method, path with query, path, query, HTTP
-#: version, status, bytes sent, bytes received, Referer, User-Agent, duration, user,
-#: cache status, request id, route, aborted
+#: text, `access_fields` for JSON): remote, method, URL (path and query: made into text
+#: only when the line is, `LineWriter`), HTTP version, status, bytes sent, bytes
+#: received, Referer, User-Agent, duration, user, cache status, request id, route, aborted
 AccessEntry = tuple[
     str,
     str,
-    str,
-    str,
-    str,
+    "URL",
     HttpVersion,
     int,
     int,
@@ -261,12 +260,12 @@ AccessEntry = tuple[
 
 def access_args(entry: AccessEntry) -> tuple[Any, ...]:
     """The arguments of `_ACCESS_TEXT` (the text line's message)."""
-    (remote, method, path_qs, _, _, version, status, sent, _, referer, user_agent,
+    (remote, method, url, version, status, sent, _, referer, user_agent,
      duration, user, cache, rid, _, aborted) = entry  # fmt: skip
     return (
         remote,
         method,
-        cut(path_qs, MAX_PATH),
+        cut(str(url), MAX_PATH),  # the request's path_qs
         version.major,
         version.minor,
         status,
@@ -283,12 +282,12 @@ def access_args(entry: AccessEntry) -> tuple[Any, ...]:
 
 def access_fields(entry: AccessEntry) -> dict[str, Any]:
     """The fields of a JSON access line, in their order."""
-    (remote, method, _, path, query, _, status, sent, received, _, user_agent,
+    (remote, method, url, _, status, sent, received, _, user_agent,
      duration, user, cache, rid, route, aborted) = entry  # fmt: skip
     fields = {
         "method": method,
-        "path": cut(path, MAX_PATH),
-        "query": cut(query, MAX_PATH) or None,
+        "path": cut(url.path, MAX_PATH),
+        "query": cut(url.query_string, MAX_PATH) or None,
         "route": route,
         "status": status,
         "bytes": sent,
@@ -403,16 +402,28 @@ class TextFormatter(logging.Formatter):
 
 
 class LineWriter(logging.Handler):
-    """The handler `serve` logs through: lines to a stream (stderr), access lines written
-    in batches by a thread of their own.
+    """The handler `serve` logs through: lines to a stream (stderr), access lines made and
+    written in batches.
 
     Why: logged as a record per request (a `LogRecord`, the formatter, a write and a
     flush under the logging lock), the access log cost up to half of small-request
     throughput. The middleware instead hands this writer the request's values
-    (`put_access`): the line is made from them with one `%` (`format_access`: the same
-    bytes the formatters make of an access record) and queued, and every `BATCH_WINDOW`
-    the thread writes what was queued with one write, outside the GIL. The thread does
-    no formatting: it would hold the GIL the event loop needs.
+    (`put_access`), which only queues them. Every `BATCH_LINES` of them the caller makes
+    their lines in one go (`format_access`: one f-string each, the same bytes the
+    formatters make of an access record), and the lines still queued are made
+    `BATCH_WINDOW` after the first of them. Measured in the server (CPU time of the
+    event loop per request, GET /v2/ under wrk), a line made as its request ended cost
+    about twice as much as one made in a batch: by the next request, the code and data
+    it needs have left the CPU's caches. Made by a thread, a line cost 3-4 µs of that
+    thread's time (it reads each value from the other core), so a thread only writes.
+
+    Who writes: to a regular file (a log file, the benchmarks), the event loop writes each
+    batch at once, as a `StreamHandler` would: the page cache takes it in microseconds,
+    where the thread cost about 1 µs a line (its wake-ups and GIL hand-overs, and
+    reading the text from the other core). A write slower than `SLOW_WRITE` (a busy
+    disk, a network file system) hands writing to the thread until one is fast again.
+    Anything else (a pipe, a socket, a terminal: journald, docker) can stall when its
+    reader does, so the thread writes to it every `BATCH_WINDOW`, outside the GIL.
 
     Nothing is lost or reordered: application records are formatted and written at once
     in the logging thread (as a `StreamHandler` does), after the access lines queued
@@ -426,44 +437,53 @@ class LineWriter(logging.Handler):
     stderr (`[server] workers`) never interleave mid-line, as with a write per line.
     """
 
-    #: how long the thread lets access lines gather before it writes them
+    #: how long access lines wait at most to be written
     BATCH_WINDOW = 0.05
-    #: access lines queued at most; beyond, `put_access` writes them in the caller
+    #: access lines the caller lets gather before it makes them
+    BATCH_LINES = 32
+    #: access lines waiting at most; beyond, `put_access` writes them in the caller
     MAX_QUEUED = 20_000
+    #: a write to a regular file that took longer hands writing to the thread
+    SLOW_WRITE = 0.005
 
     def __init__(self, stream: IO[str], json_lines: bool = False) -> None:
         super().__init__()
         self.stream = stream
         self.json_lines = json_lines
         self.setFormatter(JsonFormatter() if json_lines else TextFormatter())
-        self._queue: deque[str] = deque()  # formatted lines, in order
+        #: in order: access lines still to make, `(time_ns, entry)`, and formatted records
+        self._queue: deque[tuple[int, AccessEntry] | str] = deque()
+        #: lines made but not written, in order: pieces of text (whole lines)
+        self._made: deque[str] = deque()
+        self._make_lock = threading.Lock()  # `_queue`'s order is kept in what is made
+        self._write_lock = threading.Lock()  # one writer of the stream at a time
+        #: when the lines queued now will have been written (`time.time_ns`), 0: unplanned
+        self._due = 0
+        self._inline = False  # the caller may write (`_write_timed`)
         self._woken = False  # the thread was told there is work (or is at it)
         self._wake = threading.Event()
-        self._write_lock = threading.Lock()  # one writer of the stream at a time
         self._thread: threading.Thread | None = None
         self._closed = False
         # the time stamp of the current second, formatted once per second
         self._stamp: tuple[int, str] = (-1, "")
+        # what the access lines of the current millisecond start with (`_format_head`)
+        self._head: tuple[int, str] = (-1, "")
         self._fd: int | bool | None = False  # False: not looked up yet (`_fileno`)
         self._regular = False
 
     # -- producers ------------------------------------------------------------------------
 
     def put_access(self, time_ns: int, entry: AccessEntry) -> None:
-        """Queue the access line of `entry`; the thread writes it."""
-        try:
-            line = self.format_access(time_ns, entry)
-        except Exception as exc:  # a bug here must not cost the request or the log
-            line = f"access line could not be formatted: {exc!r} ({entry!r})"
+        """Queue the access line of `entry`: made with the next `BATCH_LINES` or within
+        `BATCH_WINDOW`, whichever comes first."""
         queue = self._queue
-        queue.append(line)
-        if not self._woken:
-            self._woken = True
-            if self._thread is None:
-                self._start()
-            self._wake.set()
-        if len(queue) > self.MAX_QUEUED:
-            self.flush()  # the stream does not keep up: wait for it, as a plain write would
+        queue.append((time_ns, entry))
+        if time_ns > self._due:
+            self._plan(time_ns)
+        if len(queue) >= self.BATCH_LINES:
+            self._make()
+            if len(self._made) * self.BATCH_LINES > self.MAX_QUEUED:
+                self.flush()  # the stream does not keep up: wait for it, as a write would
 
     def emit(self, record: logging.LogRecord) -> None:
         """Any other record: formatted here (its request id is this context's), written at
@@ -476,7 +496,72 @@ class LineWriter(logging.Handler):
         self._queue.append(line)
         self.flush()
 
+    def queued(self) -> int:
+        """Lines waiting to be written, made or not."""
+        return len(self._queue) + sum(piece.count("\n") for piece in list(self._made))
+
+    # -- making lines ---------------------------------------------------------------------
+
+    def _plan(self, time_ns: int) -> None:
+        """See that the lines queued now are made and written within `BATCH_WINDOW`: by a
+        timer of the caller's event loop when it may write them, else by the thread."""
+        self._due = time_ns + int(2e9 * self.BATCH_WINDOW)  # then planned again
+        self._fileno()  # looked up once: sets `_inline` for a regular file
+        if self._inline:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                pass
+            else:
+                loop.call_later(self.BATCH_WINDOW, self._make_due)
+                return
+        self._wake_thread()
+
+    def _make_due(self) -> None:
+        """The event loop's timer: make (and write) the lines still queued."""
+        self._due = 0
+        self._make()
+        if self._made:  # not written here: the stream turned slow, or another was at it
+            self._wake_thread()
+
+    def _make(self) -> None:
+        """Make the queued lines into one piece of text, then write it at once when the
+        caller may and nothing made before waits, else leave it to the thread."""
+        with self._make_lock:
+            queue = self._queue
+            if not queue:
+                return
+            # popleft, not a swap of the deque: a producer may hold the old one
+            items = [queue.popleft() for _ in range(len(queue))]
+            lines: list[str] = []
+            append = lines.append
+            format_access = self.format_access
+            for item in items:
+                if type(item) is str:
+                    append(item)
+                    continue
+                try:
+                    append(format_access(*item))
+                except Exception as exc:  # a bug here must not cost the request or the log
+                    append(f"access line could not be formatted: {exc!r} ({item!r})")
+            append("")
+            text = "\n".join(lines)
+            if self._inline and not self._made and self._write_lock.acquire(blocking=False):
+                try:
+                    self._write_timed(text)
+                finally:
+                    self._write_lock.release()
+            else:
+                self._made.append(text)
+
     # -- writing --------------------------------------------------------------------------
+
+    def _wake_thread(self) -> None:
+        if not self._woken:
+            self._woken = True
+            if self._thread is None:
+                self._start()
+            self._wake.set()
 
     def _start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="regproxy-log", daemon=True)
@@ -488,21 +573,25 @@ class LineWriter(logging.Handler):
             time.sleep(self.BATCH_WINDOW)  # let a batch gather
             self._wake.clear()
             self._woken = False  # lines queued from here on wake us again
+            self._due = 0
             self.flush()
 
     def flush(self) -> None:
-        """Write every queued line now (in the calling thread)."""
+        """Make and write every queued line now (in the calling thread)."""
+        self._make()
         with self._write_lock:
-            queue = self._queue
-            while queue:
-                # popleft, not a swap of the deque: a producer may hold the old one
-                lines = [queue.popleft() for _ in range(len(queue))]
-                lines.append("")
-                text = "\n".join(lines)
-                del lines
-                # stderr is gone (closed, broken pipe): nowhere to say so either
-                with contextlib.suppress(OSError, ValueError):
-                    self._write(text)
+            made = self._made
+            while made:
+                self._write_timed("".join([made.popleft() for _ in range(len(made))]))
+
+    def _write_timed(self, text: str) -> None:
+        """`_write`, holding `_write_lock`; whether the next write may be the caller's
+        (`_inline`): a regular file that took this one in under `SLOW_WRITE`."""
+        started = time.perf_counter()
+        # stderr is gone (closed, broken pipe): nowhere to say so either
+        with contextlib.suppress(OSError, ValueError):
+            self._write(text)
+        self._inline = self._regular and time.perf_counter() - started < self.SLOW_WRITE
 
     def _write(self, text: str) -> None:
         """Write whole lines: to a regular file in one write (appends are atomic there);
@@ -510,7 +599,7 @@ class LineWriter(logging.Handler):
         bytes each (or one longer line), which a pipe takes in one piece, so the lines of
         several processes sharing it never mix.
 
-        Why few, large writes: this thread must take the GIL back after every write, and
+        Why few, large writes: the thread must take the GIL back after every write, and
         while the event loop is busy that can wait for the interpreter's switch interval
         (5 ms). Written a `PIPE_BUF` at a time, line by line in Python, the thread fell
         behind at ~10,000 requests/s (py-spy, `tests/benchmarks/access_log.py --profile`):
@@ -537,12 +626,12 @@ class LineWriter(logging.Handler):
 
     def _fileno(self) -> int | None:
         """The stream's descriptor (None: it has none); `_regular` tells whether it is a
-        regular file. Looked up once."""
+        regular file (which the caller may write to: `_inline`). Looked up once."""
         if self._fd is False:
             fd: int | None = None
             with contextlib.suppress(AttributeError, OSError, ValueError, io.UnsupportedOperation):
                 fd = self.stream.fileno()
-                self._regular = stat.S_ISREG(os.fstat(fd).st_mode)
+                self._regular = self._inline = stat.S_ISREG(os.fstat(fd).st_mode)
             self._fd = fd
         return self._fd
 
@@ -560,32 +649,40 @@ class LineWriter(logging.Handler):
     def format_access(self, time_ns: int, entry: AccessEntry) -> str:
         """An access line, byte for byte what this handler's formatter makes of the record
         `_log_access` logs for `entry` at `time_ns` (tests/ops/test_access_log_cost.py)."""
-        second, millis = divmod(time_ns // 1_000_000, 1000)
-        stamped, stamp = self._stamp
-        if second != stamped:
-            stamp = self._format_second(second)
-            self._stamp = (second, stamp)
+        millisecond = time_ns // 1_000_000
+        made_for, head = self._head
+        if millisecond != made_for:
+            head = self._format_head(millisecond)
         if not self.json_lines:  # `_ACCESS_TEXT % access_args(entry)`, spelt out: faster
-            (remote, method, path_qs, _, _, version, status, sent, _, referer, user_agent,
+            (remote, method, url, version, status, sent, _, referer, user_agent,
              duration, user, cache, rid, _, aborted) = entry  # fmt: skip
+            path_qs = str(url)
             if len(path_qs) > MAX_PATH:
                 path_qs = cut(path_qs, MAX_PATH)
-            referer = "-" if referer is None else cut(referer, MAX_FIELD)
-            user_agent = cut(user_agent, MAX_FIELD) if user_agent else "-"
+            if referer is None:
+                referer = "-"
+            elif len(referer) > MAX_FIELD:
+                referer = cut(referer, MAX_FIELD)
+            if not user_agent:
+                user_agent = "-"
+            elif len(user_agent) > MAX_FIELD:
+                user_agent = cut(user_agent, MAX_FIELD)
             return (
-                f'{stamp},{millis:03d} INFO regproxy.access: {remote} "{method} {path_qs} '
-                f'HTTP/{version.major}.{version.minor}" {status} {sent} "{referer}" '
-                f'"{user_agent}" {duration:.6f}s user={user or "-"} cache={cache or "-"} '
-                f"id={rid}{' aborted' if aborted else ''}"
+                f'{head}{remote} "{method} {path_qs} '
+                f'{_HTTP11 if version is HttpVersion11 else _http_version(version)}" '
+                f'{status} {sent} "{referer}" "{user_agent}" {duration:.6f}s '
+                f"user={user or '-'} cache={cache or '-'} id={rid}{' aborted' if aborted else ''}"
             )
-        (remote, method, _, path, query, _, status, sent, received, _, user_agent,
+        (remote, method, url, _, status, sent, received, _, user_agent,
          duration, user, cache, rid, route, aborted) = entry  # fmt: skip
+        path, query = url.path, url.query_string
         if len(path) > MAX_PATH:
             path = cut(path, MAX_PATH)
+        if user_agent is not None and len(user_agent) > MAX_FIELD:
+            user_agent = cut(user_agent, MAX_FIELD)
         j = _json_str
         return (
-            f'{{"time": "{stamp}.{millis:03d}+00:00", "level": "info", '
-            f'"logger": "regproxy.access", "message": {j(f"{method} {path} {status}")}, '
+            f"{head}{j(f'{method} {path} {status}')}, "
             f'"method": {j(method)}, "path": {j(path)}, '
             f'"query": {j(cut(query, MAX_PATH)) if query else "null"}, "route": {j(route)}, '
             f'"status": {status}, "bytes": {sent}, "bytes_in": {received}, '
@@ -593,9 +690,26 @@ class LineWriter(logging.Handler):
             f'"user": {"null" if user is None else j(user)}, '
             f'"cache": {"null" if cache is None else j(cache)}, "request_id": {j(rid)}, '
             f'"remote": {j(remote)}, '
-            f'"user_agent": {"null" if user_agent is None else j(cut(user_agent, MAX_FIELD))}'
+            f'"user_agent": {"null" if user_agent is None else j(user_agent)}'
             f"{_ABORTED_JSON if aborted else ''}}}"
         )
+
+    def _format_head(self, millisecond: int) -> str:
+        """What access lines of `millisecond` start with (up to the message), kept."""
+        second, millis = divmod(millisecond, 1000)
+        stamped, stamp = self._stamp
+        if second != stamped:
+            stamp = self._format_second(second)
+            self._stamp = (second, stamp)
+        if self.json_lines:
+            head = (
+                f'{{"time": "{stamp}.{millis:03d}+00:00", "level": "info", '
+                f'"logger": "regproxy.access", "message": '
+            )
+        else:
+            head = f"{stamp},{millis:03d} INFO regproxy.access: "
+        self._head = (millisecond, head)
+        return head
 
     def _format_second(self, second: int) -> str:
         if self.json_lines:  # JsonFormatter's time, without its milliseconds
@@ -609,6 +723,13 @@ _json_str: Callable[[str], str] = json.encoder.encode_basestring
 
 
 _ABORTED_JSON = ', "aborted": true'
+_HTTP11 = "HTTP/1.1"
+
+
+def _http_version(version: HttpVersion) -> str:
+    return f"HTTP/{version.major}.{version.minor}"
+
+
 _app_log = logging.getLogger("regproxy")
 #: the writer `configure_logging` installed (None: records go through logging as usual)
 _writer: LineWriter | None = None
@@ -617,19 +738,26 @@ _writer: LineWriter | None = None
 def _direct_writer() -> LineWriter | None:
     """The `LineWriter` to hand access lines to directly, when it is the only place the
     access record would go: the root's one handler, nothing added on the way (a test's
-    handler, pytest's caplog) and no filter. Otherwise None: log a record."""
+    handler, pytest's caplog) and no filter. Otherwise None: log a record.
+
+    Asked for every request: one expression of attribute tests, no loop or call."""
     writer = _writer
     if writer is None:
         return None
-    handlers = logging.root.handlers
-    if len(handlers) != 1 or handlers[0] is not writer or writer.level > logging.INFO:
-        return None
-    for logger in (access_log, _app_log):
-        if logger.handlers or logger.filters or not logger.propagate:
-            return None
-    if writer.filters or logging.root.filters:
-        return None
-    return writer
+    root = logging.root
+    handlers = root.handlers
+    if (
+        len(handlers) == 1
+        and handlers[0] is writer
+        and writer.level <= logging.INFO
+        and not (writer.filters or root.filters)
+        and not (access_log.handlers or access_log.filters or _app_log.handlers)
+        and not _app_log.filters
+        and access_log.propagate
+        and _app_log.propagate
+    ):
+        return writer
+    return None
 
 
 def configure_logging(config: LogConfig, level: str | None = None) -> None:

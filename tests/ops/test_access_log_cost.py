@@ -1,7 +1,8 @@
 """The access log stays on by default, so it must be cheap and must not lose lines.
 
 `serve` logs through `logs.LineWriter`: the middleware hands it a tuple per request, and
-a thread formats and writes them in batches. These tests pin what that must not change:
+the writer makes and writes them in batches (the event loop to a regular file, a thread
+to anything else). These tests pin what that must not change:
 the lines are byte for byte what the text and JSON formatters make of the access record
 (tests/ops/test_logs.py checks those), no line is lost when SIGTERM comes right after
 the requests, and application records keep their place among access lines. What a line
@@ -11,6 +12,7 @@ here: speed belongs in the benchmark, not in a test that a busy machine can fail
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import io
@@ -23,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import HttpVersion
+from aiohttp import HttpVersion, HttpVersion11
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from yarl import URL
 
 from regproxy.config import LogConfig
 from regproxy.server import logs
@@ -36,14 +39,25 @@ from tests.support.processes import RegproxyProcess
 pytestmark = pytest.mark.timeout(120)
 
 _text = st.text(max_size=40)
+#: request URLs as aiohttp's parser makes them (encoded) and as a caller may (quoted by yarl)
+URLS = st.one_of(
+    st.builds(
+        lambda path, query: URL.build(path="/" + path, query_string=query, encoded=True),
+        st.text(max_size=600),
+        st.text(max_size=600),
+    ),
+    st.builds(
+        lambda path, query: URL.build(path="/" + path, query_string=query),
+        st.text(max_size=600),
+        st.text(max_size=600),
+    ),
+)
 _field = st.one_of(st.none(), st.text(max_size=300))
 ENTRIES = st.tuples(
     st.sampled_from(["127.0.0.1", "::1", "-"]),
     st.sampled_from(["GET", "HEAD", "PUT", "PATCH"]),
-    st.text(max_size=600).map(lambda t: "/" + t),
-    st.text(max_size=600).map(lambda t: "/" + t),
-    st.text(max_size=600),
-    st.sampled_from([HttpVersion(1, 1), HttpVersion(1, 0)]),
+    URLS,
+    st.sampled_from([HttpVersion11, HttpVersion(1, 1), HttpVersion(1, 0)]),
     st.integers(100, 599),
     st.integers(0, 2**40),
     st.integers(0, 2**40),
@@ -197,7 +211,7 @@ def test_writer_batches_in_order_and_flushes_on_close() -> None:
     writer = logs.LineWriter(stream)
     writer.BATCH_WINDOW = 0.01
     entry: logs.AccessEntry = (
-        "127.0.0.1", "GET", "/v2/", "/v2/", "", HttpVersion(1, 1), 200, 2, 0,
+        "127.0.0.1", "GET", URL("/v2/"), HttpVersion(1, 1), 200, 2, 0,
         None, "t", 0.001, None, None, "0" * 16, "/v2/", False,
     )  # fmt: skip
     for i in range(1000):
@@ -214,6 +228,51 @@ def test_writer_batches_in_order_and_flushes_on_close() -> None:
     assert writer._thread is None
 
 
+ENTRY: logs.AccessEntry = (
+    "127.0.0.1", "GET", URL("/v2/"), HttpVersion11, 200, 2, 0,
+    None, "t", 0.001, None, None, "0" * 16, "/v2/", False,
+)  # fmt: skip
+
+
+async def test_the_event_loop_writes_a_regular_file_itself(tmp_path: Path) -> None:
+    """To a regular file, a batch is written as soon as it is made, and the lines of a
+    batch not yet full within `BATCH_WINDOW`, by the event loop: no thread."""
+    path = tmp_path / "log"
+    with open(path, "a") as stream:
+        writer = logs.LineWriter(stream)
+        writer.BATCH_WINDOW = 0.01
+        for i in range(writer.BATCH_LINES):
+            writer.put_access(i * 1_000_000, ENTRY)
+        assert path.read_text().count("\n") == writer.BATCH_LINES  # written at once
+        writer.put_access(time.time_ns(), ENTRY)  # one more: made by the loop's timer
+        assert path.read_text().count("\n") == writer.BATCH_LINES
+        await asyncio.sleep(0.1)
+        assert path.read_text().count("\n") == writer.BATCH_LINES + 1
+        assert writer._thread is None
+        writer.close()
+
+
+async def test_a_slow_regular_file_is_written_by_the_thread(tmp_path: Path) -> None:
+    """A write to a regular file slower than `SLOW_WRITE` hands writing to the thread."""
+    path = tmp_path / "log"
+    with open(path, "a") as stream:
+        writer = logs.LineWriter(stream)
+        writer.BATCH_WINDOW = 0.01
+        writer.SLOW_WRITE = 0.0  # every write is slow
+        for i in range(writer.BATCH_LINES):
+            writer.put_access(i * 1_000_000, ENTRY)
+        assert path.read_text().count("\n") == writer.BATCH_LINES  # the first, at once
+        for _ in range(writer.BATCH_LINES + 1):
+            writer.put_access(time.time_ns(), ENTRY)
+        assert path.read_text().count("\n") == writer.BATCH_LINES  # left to the thread
+        deadline = time.monotonic() + 10
+        while path.read_text().count("\n") < 2 * writer.BATCH_LINES + 1:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert writer._thread is not None
+        writer.close()
+
+
 def test_a_stalled_stream_holds_the_caller_instead_of_growing_without_bound() -> None:
     release = threading.Event()
 
@@ -226,7 +285,7 @@ def test_a_stalled_stream_holds_the_caller_instead_of_growing_without_bound() ->
     writer = logs.LineWriter(stream)
     writer.MAX_QUEUED = 100
     entry: logs.AccessEntry = (
-        "127.0.0.1", "GET", "/v2/", "/v2/", "", HttpVersion(1, 1), 200, 2, 0,
+        "127.0.0.1", "GET", URL("/v2/"), HttpVersion(1, 1), 200, 2, 0,
         None, "t", 0.001, None, None, "0" * 16, "/v2/", False,
     )  # fmt: skip
     done = threading.Event()
@@ -240,7 +299,7 @@ def test_a_stalled_stream_holds_the_caller_instead_of_growing_without_bound() ->
     producer.start()
     time.sleep(0.3)
     assert not done.is_set()  # held: the stream takes nothing
-    assert len(writer._queue) <= writer.MAX_QUEUED + 1
+    assert writer.queued() <= writer.MAX_QUEUED + writer.BATCH_LINES
     release.set()
     producer.join(10)
     writer.close()
