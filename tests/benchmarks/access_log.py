@@ -5,15 +5,16 @@ python -m tests.benchmarks.access_log                  # 3 rounds of 5 s per loa
 python -m tests.benchmarks.access_log --rounds 5 --seconds 10 --json out.json
 ```
 
-Three regproxy processes on loopback, identical but for `[log]`: `access = false`;
-the default (`access = true`, text); `access = true` with `format = "json"`. Every
-other setting is the default, so the "text" server is regproxy as it ships. Each writes
-its log to a file (as the test harness does; under systemd or docker it is a pipe).
+Three regproxy processes on loopback (started afresh every round), identical but for
+`[log]`: `access = false`; the default (`access = true`, text); `access = true` with
+`format = "json"`. Every other setting is the default, so the "text" server is
+regproxy as it ships. Each writes its log to a file (as the test harness does; under
+systemd or docker it is a pipe).
 The loads are the benchmark's small requests: `GET /v2/` and manifest GET by tag with
 wrk, blob HEAD with `loadgen.py` (wrk cannot HEAD), 64 connections each. Rounds
 rotate which server goes first; the table shows each load's median requests/s and the
-ratio to the server with the access log off. At the end the servers get SIGTERM, and
-each log must hold an access line for every request the loads completed, so a fast log
+ratio to the server with the access log off. At the end of a round the servers get
+SIGTERM, and each log must hold an access line for every request the loads completed, so a fast log
 that drops lines fails here.
 
 Needs `wrk` (Debian package); loopback only. Numbers on a shared 2-core VM move by
@@ -110,23 +111,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     variants = [v for v in args.only.split(",") if v]
     work = Path(tempfile.mkdtemp(prefix="rp-accesslog-bench-"))
-    servers: dict[str, RegproxyProcess] = {}
     results: dict[str, dict[str, list[float]]] = {v: {n: [] for n in LOADS} for v in variants}
     #: the server's CPU time per request (µs): steadier than req/s on a busy machine
     cpu: dict[str, dict[str, list[float]]] = {v: {n: [] for n in LOADS} for v in variants}
-    try:
-        layers = {}
-        for variant in variants:
-            python = sys.executable
-            if args.profile is not None:  # CPU figures are py-spy's then: profile apart
-                python = profiled_python(args.profile / f"access-log-{variant}.txt", work)
-            server = RegproxyProcess(work / variant, extra_config=VARIANTS[variant], python=python)
-            server.start()
-            servers[variant] = server
-            layers[variant] = setup(server.url)
-        before = {v: access_lines(s.log_path) for v, s in servers.items()}
-        made = dict.fromkeys(variants, 0)
-        for round_ in range(args.rounds):
+    made = dict.fromkeys(variants, 0)
+    written = dict.fromkeys(variants, 0)
+    for round_ in range(args.rounds):
+        # fresh processes every round: one process can run 30 % slower than its twin for
+        # its whole life (where its memory landed), which would bias every round alike
+        servers: dict[str, RegproxyProcess] = {}
+        try:
+            layers = {}
+            for variant in variants:
+                python = sys.executable
+                if args.profile is not None:  # CPU figures are py-spy's then: profile apart
+                    name = f"access-log-{variant}-{round_ + 1}.txt"
+                    python = profiled_python(args.profile / name, work)
+                folder = work / f"{variant}-{round_ + 1}"
+                server = RegproxyProcess(folder, extra_config=VARIANTS[variant], python=python)
+                server.start()
+                servers[variant] = server
+                layers[variant] = setup(server.url)
+            before = {v: access_lines(s.log_path) for v, s in servers.items()}
             order = variants[round_ % len(variants) :] + variants[: round_ % len(variants)]
             for name in LOADS:
                 for variant in order:
@@ -144,16 +150,17 @@ def main(argv: list[str] | None = None) -> int:
                         f"{per_request:7.1f} µs CPU/request",
                         flush=True,
                     )
-        for server in servers.values():
-            if args.profile is not None and server.process is not None:
-                stop_profiler(server.process)
-        time.sleep(1.0)
-        for server in servers.values():
-            server.stop()  # SIGTERM: whatever the log still held must now be in the file
-        written = {v: access_lines(s.log_path) - before[v] for v, s in servers.items()}
-    finally:
-        for server in servers.values():
-            server.stop()
+            for server in servers.values():
+                if args.profile is not None and server.process is not None:
+                    stop_profiler(server.process)
+            time.sleep(1.0)
+            for server in servers.values():
+                server.stop()  # SIGTERM: whatever the log still held must now be in the file
+            for v, s in servers.items():
+                written[v] += access_lines(s.log_path) - before[v]
+        finally:
+            for server in servers.values():
+                server.stop()
     print()
     header = f"{'load':22}" + "".join(f"{v:>10}" for v in variants)
     header += "".join(f"{v + '/off':>10}" for v in variants if v != "off" and "off" in variants)

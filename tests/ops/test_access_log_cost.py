@@ -151,13 +151,13 @@ async def _requests(tmp_path: Path) -> tuple[list[tuple[int, Any]], list[str]]:
     writer = logs._writer
     assert writer is not None and logs._direct_writer() is writer
     queued: list[tuple[int, Any]] = []
-    put = writer.put_access
+    put = writer.put_finished
 
-    def spy(time_ns: int, entry: Any) -> None:
-        queued.append((time_ns, entry))
-        put(time_ns, entry)
+    def spy(time_ns: int, finished: Any) -> None:
+        queued.append((time_ns, logs.access_entry(finished)))
+        put(time_ns, finished)
 
-    writer.put_access = spy  # type: ignore[method-assign]
+    writer.put_finished = spy  # type: ignore[method-assign]
     client = await start_client(make_config(tmp_path))
     try:
         agent = {"User-Agent": 'odd "agent" \\ ünï'}
