@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -28,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from regproxy import splice_relay
 from regproxy.config import S3Config, S3Location
 from regproxy.storage import s3, stores
 from regproxy.storage.backend import Backend
@@ -511,6 +513,38 @@ def test_local_path_or_presigned_url(rig: Rig) -> None:
         assert local is None and url is not None
         with urllib.request.urlopen(url, timeout=10) as answer:
             assert answer.read() == data
+
+
+def test_plain_http_url_serves_a_socket_of_our_own(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a splice relay fetches itself: a plain-HTTP URL needing no proxy (None on
+    disk, and when a proxy would be in the way), whose ranged answer is the file's bytes."""
+    data = os.urandom(3000)
+    path = rig.path("blobs/sha256/ab/plain")
+    rig.backend.write_atomic(path, data)
+    for name in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    url = rig.backend.plain_http_url(path, 60)
+    if rig.backend.local:
+        assert url is None
+        return
+    assert url is not None and url.startswith("http://")
+    source = splice_relay.open_source(url, 5, 2005, 5.0, 5.0)
+    got = b""
+    try:
+        while len(got) < 2000 and (more := source.read(4096)):
+            got += more
+    finally:
+        source.close()
+    assert got == data[5:2005]
+    host = urllib.parse.urlsplit(url).hostname or ""
+    for name in ("HTTP_PROXY", "http_proxy"):  # a proxy for everything: not by ourselves
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    assert rig.backend.plain_http_url(path, 60) is None
+    for name in ("NO_PROXY", "no_proxy"):  # unless the endpoint bypasses it
+        monkeypatch.setenv(name, host)
+    assert rig.backend.plain_http_url(path, 60) is not None
 
 
 # ---- clocks and clean-up ------------------------------------------------------------------

@@ -23,6 +23,7 @@ from botocore.exceptions import ClientError
 from regproxy.config import S3Config
 from regproxy.errors import ConfigError
 from regproxy.storage import s3client
+from regproxy.storage.s3 import S3Backend
 from regproxy.storage.s3client import (
     POOL_CONNECTIONS,
     build_client,
@@ -138,6 +139,24 @@ def test_client_settings(tmp_path: Path) -> None:
     assert (config.connect_timeout, config.read_timeout) == (5.0, 60.0)
     url = client.generate_presigned_url("get_object", Params={"Bucket": "bkt", "Key": "k/1"})
     assert url.startswith("http://127.0.0.1:9/bkt/k/1?") and "X-Amz-Signature=" in url
+
+
+def test_no_plain_url_for_an_https_endpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A splice relay speaks plain HTTP only: an HTTPS endpoint (AWS itself) goes through
+    the S3 client, which verifies the certificate."""
+    for name in ("HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    backend = S3Backend(
+        build_client(settings("https://127.0.0.1:9", tmp_path)), "bkt", "registry", tmp_path
+    )
+    assert backend.plain_http_url(tmp_path / "blobs/sha256/ab/x", 60) is None
+    plain = S3Backend(
+        build_client(settings("http://127.0.0.1:9", tmp_path)), "bkt", "registry", tmp_path
+    )
+    url = plain.plain_http_url(tmp_path / "blobs/sha256/ab/x", 60)
+    assert url is not None and url.startswith("http://127.0.0.1:9/bkt/registry/blobs/sha256/ab/x?")
 
 
 def test_region_and_aws_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
