@@ -136,6 +136,8 @@ def open_source(url: str, start: int, end: int, connect_timeout: float, idle: fl
         sock.sendall(request)
         head, early = _read_head(sock)
         _check_head(head, start, count)
+        if len(early) > count:
+            raise SourceRefused("the object store sent more than its Content-Length")
     except BaseException:
         sock.close()
         raise

@@ -189,6 +189,12 @@ def test_any_other_answer_is_refused(answer: bytes) -> None:
         open_source(url, 0, 10, 5.0, 5.0)
 
 
+def test_more_bytes_than_announced_are_refused() -> None:
+    answer = head("206 Partial Content", "Content-Length: 10", "Content-Range: bytes 0-9/20")
+    with canned(answer + b"0123456789extra") as (url, _), pytest.raises(SourceRefused):
+        open_source(url, 0, 10, 5.0, 5.0)
+
+
 def test_a_range_from_later_than_zero_answered_whole_is_refused() -> None:
     with canned(head("200 OK", "Content-Length: 10")) as (url, _), pytest.raises(SourceRefused):
         open_source(url, 5, 15, 5.0, 5.0)
