@@ -251,66 +251,56 @@ def test_random_heads_are_refused_or_missing_never_taken() -> None:
             assert b"Content-Length: 10" in answer and b"chunked" not in answer, answer
 
 
-def test_a_store_closing_mid_body_fails_the_relay() -> None:
-    answer = ranged(0, len(BODY))[: -1024 * 1024]  # the last MiB never comes
-    with canned(answer) as (url, _):
+@contextmanager
+def relaying(
+    answer: bytes, close: bool = True, small: bool = False
+) -> Iterator[tuple[splice_relay.Source, socket.socket, socket.socket]]:
+    """The whole of BODY opened from a canned store answer, and a client connection to
+    relay it to: (source, the server's end, the client's end), all closed afterwards."""
+    with canned(answer, close=close) as (url, _):
         source = open_source(url, 0, len(BODY), 5.0, 5.0)
-        server_end, client = client_pair()
-        reader = threading.Thread(target=receive, args=(client, len(BODY)), daemon=True)
-        reader.start()
+        server_end, client = client_pair(small=small)
         try:
-            with pytest.raises(SourceFailed, match="early"):
-                relay(source, server_end.fileno(), 5.0, threading.Event())
+            yield source, server_end, client
         finally:
             source.close()
             server_end.close()
             client.close()
+
+
+def test_a_store_closing_mid_body_fails_the_relay() -> None:
+    answer = ranged(0, len(BODY))[: -1024 * 1024]  # the last MiB never comes
+    with relaying(answer) as (source, server_end, client):
+        threading.Thread(target=receive, args=(client, len(BODY)), daemon=True).start()
+        with pytest.raises(SourceFailed, match="early"):
+            relay(source, server_end.fileno(), 5.0, threading.Event())
 
 
 def test_a_client_that_takes_nothing_is_stalled() -> None:
-    with canned(ranged(0, len(BODY)), close=False) as (url, _):
-        source = open_source(url, 0, len(BODY), 5.0, 5.0)
-        server_end, client = client_pair(small=True)
-        try:
-            started = time.monotonic()
-            with pytest.raises(ClientStalled):
-                relay(source, server_end.fileno(), 0.5, threading.Event())
-            assert time.monotonic() - started < 5
-        finally:
-            source.close()
-            server_end.close()
-            client.close()
+    with relaying(ranged(0, len(BODY)), close=False, small=True) as (source, server_end, _):
+        started = time.monotonic()
+        with pytest.raises(ClientStalled):
+            relay(source, server_end.fileno(), 0.5, threading.Event())
+        assert time.monotonic() - started < 5
 
 
 def test_a_client_that_leaves_is_gone() -> None:
-    with canned(ranged(0, len(BODY)), close=False) as (url, _):
-        source = open_source(url, 0, len(BODY), 5.0, 5.0)
-        server_end, client = client_pair()
+    with relaying(ranged(0, len(BODY)), close=False) as (source, server_end, client):
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         client.close()  # a reset
-        try:
-            with pytest.raises(ClientGone):
-                relay(source, server_end.fileno(), 5.0, threading.Event())
-        finally:
-            source.close()
-            server_end.close()
+        with pytest.raises(ClientGone):
+            relay(source, server_end.fileno(), 5.0, threading.Event())
 
 
 def test_a_relay_told_to_stop_stops() -> None:
-    with canned(ranged(0, len(BODY)), close=False) as (url, _):
-        source = open_source(url, 0, len(BODY), 5.0, 5.0)
-        server_end, client = client_pair(small=True)  # the client reads nothing: it waits
+    # the client reads nothing: the relay waits for it
+    with relaying(ranged(0, len(BODY)), close=False, small=True) as (source, server_end, _):
         stop = threading.Event()
         threading.Timer(0.3, stop.set).start()
-        try:
-            started = time.monotonic()
-            with pytest.raises(InterruptedError):
-                relay(source, server_end.fileno(), 30.0, stop)
-            assert time.monotonic() - started < 3
-        finally:
-            source.close()
-            server_end.close()
-            client.close()
+        started = time.monotonic()
+        with pytest.raises(InterruptedError):
+            relay(source, server_end.fileno(), 30.0, stop)
+        assert time.monotonic() - started < 3
 
 
 def test_slots_are_bounded() -> None:
