@@ -32,10 +32,12 @@ import select
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 from regproxy import __version__
+from regproxy.direct_send import STOP_CHECK, Senders, write_all
+from regproxy.direct_send import ClientGone as ClientGone  # raised by `relay`
+from regproxy.direct_send import ClientStalled as ClientStalled  # raised by `relay`
 
 #: relays at once (each holds a thread, a pipe, a duplicate of the client socket and a
 #: connection to the object store); past it, a pull takes the ordinary path
@@ -44,11 +46,9 @@ MAX_RELAYS = 16
 PIPE_SIZE = 1024 * 1024
 #: the longest response head the object store may send
 MAX_HEAD = 64 * 1024
-#: how often a waiting relay looks at whether it was told to stop
-STOP_CHECK = 0.25
 
-_slots = threading.BoundedSemaphore(MAX_RELAYS)
-executor = ThreadPoolExecutor(max_workers=MAX_RELAYS, thread_name_prefix="regproxy-splice")
+relays = Senders(MAX_RELAYS, "regproxy-splice")
+executor = relays.executor
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] (\d{3})[^\r\n]*")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(?:\d+|\*)")
 _MOVE = getattr(os, "SPLICE_F_MOVE", 1)
@@ -66,14 +66,6 @@ class SourceFailed(Exception):
     """The object store stopped sending mid-body (closed early, reset, silent too long)."""
 
 
-class ClientStalled(TimeoutError):
-    """The client took no byte for the idle timeout."""
-
-
-class ClientGone(ConnectionError):
-    """The client's connection broke (it went away)."""
-
-
 def available() -> bool:
     """Whether this platform has splice(2) (Linux, Python 3.10+)."""
     return hasattr(os, "splice")
@@ -81,11 +73,11 @@ def available() -> bool:
 
 def take_slot() -> bool:
     """Reserve one of the `MAX_RELAYS` relays; False when all are busy."""
-    return _slots.acquire(blocking=False)
+    return relays.take()
 
 
 def free_slot() -> None:
-    _slots.release()
+    relays.free()
 
 
 class Source:
@@ -195,7 +187,7 @@ def relay(source: Source, client_fd: int, client_idle: float, stop: threading.Ev
     with the head by `write`, the rest by splice through a pipe. Returns when all of it
     is sent. Raises ClientStalled, ClientGone, SourceFailed, or InterruptedError when
     `stop` is set. Blocking: call on a thread (`executor`)."""
-    _write_all(memoryview(source.early), client_fd, client_idle, stop)
+    write_all(memoryview(source.early), client_fd, client_idle, stop)
     left = source.count - len(source.early)
     if left <= 0:
         return
@@ -280,24 +272,3 @@ def _readable(fd: int) -> bool:
     ready = select.poll()
     ready.register(fd, select.POLLIN)
     return bool(ready.poll(0))
-
-
-def _write_all(data: memoryview, fd: int, idle: float, stop: threading.Event) -> None:
-    """Write `data` to the non-blocking socket `fd`, waiting for room."""
-    last = time.monotonic()
-    room = select.poll()
-    room.register(fd, select.POLLOUT)
-    while data:
-        try:
-            count = os.write(fd, data)
-        except BlockingIOError:
-            if stop.is_set():
-                raise InterruptedError("the relay was told to stop") from None
-            if time.monotonic() - last > idle:
-                raise ClientStalled(f"the client took nothing for {idle:g} s") from None
-            room.poll(STOP_CHECK * 1000)
-            continue
-        except OSError as exc:
-            raise ClientGone(f"client went away: {exc}") from None
-        data = data[count:]
-        last = time.monotonic()

@@ -25,6 +25,11 @@ LAYERS = {
     "regproxy.errors": [*ABOVE_LEAVES, "aiohttp"],
     # large HTTP bodies off aiohttp: a leaf used by both server and proxy, duck-typed
     "regproxy.sockbody": [*ABOVE_LEAVES, "aiohttp"],
+    # body senders on threads: leaves, no aiohttp (asyncio_tls fences asyncio's internals)
+    "regproxy.direct_send": [*ABOVE_LEAVES, "aiohttp"],
+    "regproxy.splice_relay": [*ABOVE_LEAVES, "aiohttp"],
+    "regproxy.tls_sender": [*ABOVE_LEAVES, "aiohttp"],
+    "regproxy.asyncio_tls": [*ABOVE_LEAVES, "aiohttp"],
     "regproxy.server.tls_suites": [*ABOVE_SERVER, "aiohttp"],
     # aiohttp's internals fenced in: a leaf over aiohttp and sockbody, for server and proxy
     "regproxy.aiohttp_adapter": [*ABOVE_LEAVES, "click", "rich"],

@@ -31,6 +31,7 @@ from regproxy.splice_relay import (
     open_source,
     relay,
 )
+from tests.support.loopback import tcp_pair
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -93,15 +94,7 @@ def ranged(start: int, end: int, body: bytes = BODY) -> bytes:
 def client_pair(small: bool = False) -> tuple[socket.socket, socket.socket]:
     """A connected TCP pair on loopback: (the server's end, non-blocking; the client's);
     `small`: socket buffers of 64 KiB, so a client that reads nothing soon holds it up."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    with listener:
-        client = socket.socket()
-        if small:
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-        client.connect(listener.getsockname())
-        server_end, _ = listener.accept()
-    if small:
-        server_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    server_end, client = tcp_pair(small)
     server_end.setblocking(False)
     return server_end, client
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -19,7 +20,7 @@ from typing import BinaryIO
 
 from aiohttp import web
 
-from regproxy import aiohttp_adapter, splice_relay
+from regproxy import aiohttp_adapter, asyncio_tls, splice_relay, tls_sender
 from regproxy.aiohttp_adapter import send_file_range
 from regproxy.digest import Digest
 from regproxy.errors import BlobUnknown, RangeNotSatisfiable
@@ -189,7 +190,8 @@ async def send_span(
     it) as part of `response`'s body, already prepared with a Content-Length: by the
     kernel's sendfile over plain HTTP, in large reads ahead of the writes over TLS."""
     if _over_tls(request):
-        await _send_file_tls(request, response, handle, digest, start, end, offload)
+        if not await _send_file_by_thread(request, handle, digest, start, end):
+            await _send_file_tls(request, response, handle, digest, start, end, offload)
     else:
         await send_file_range(request, handle, start, end - start)
 
@@ -199,6 +201,54 @@ def _over_tls(request: web.Request) -> bool:
     ciphertext, so the kernel's sendfile cannot send the file)."""
     transport = request.transport
     return transport is not None and transport.get_extra_info("ssl_object") is not None
+
+
+async def _send_file_by_thread(
+    request: web.Request, handle: BinaryIO, digest: Digest, start: int, end: int
+) -> bool:
+    """Bytes `[start, end)` of a local blob over TLS, read, encrypted and written by a
+    thread of `tls_sender` (see there why); False, nothing sent, when no sender is free or
+    the connection cannot be lent (then `_send_file_tls` sends them). The thread has a
+    duplicate of the file's descriptor, and the connection until it ends, however this
+    request ends (`direct_send.Senders.run`)."""
+    senders = tls_sender.senders
+    if not senders.take():
+        return False
+    handover = None
+    try:
+        if await asyncio_tls.flushed(request.transport):
+            handover = asyncio_tls.take(request.transport)
+    finally:
+        if handover is None:
+            senders.free()
+    if handover is None:
+        return False
+    try:
+        file_fd = os.dup(handle.fileno())
+    except OSError:  # out of descriptors: the event loop sends it, with the file it has
+        handover.give_back(None)
+        senders.free()
+        return False
+    stop = threading.Event()
+    stall = float(request.app[CONFIG].server.body_timeout)
+
+    def release(error: BaseException | None) -> None:
+        os.close(file_fd)
+        assert handover is not None
+        handover.give_back(error)
+
+    work = functools.partial(
+        tls_sender.send_file, handover.channel, file_fd, start, end, stall, stop
+    )
+    try:
+        await senders.run(work, stop, release)
+    except tls_sender.ClientGone as exc:
+        raise ConnectionResetError(str(exc)) from None
+    except (tls_sender.ClientStalled, tls_sender.FileEnded, tls_sender.TlsFailed) as exc:
+        # the connection is cut (`Handover.give_back`): a short body never looks complete
+        log.warning("sending %s over TLS, connection cut: %s", digest, exc)
+        raise ConnectionResetError(str(exc)) from None
+    return True
 
 
 async def _send_file_tls(
@@ -310,12 +360,14 @@ async def _send_remote(
         return response
     stall = float(request.app[CONFIG].server.body_timeout)
     if end - start >= SPLICE_MIN and _can_splice(request):
+        source = None
         try:
             source = await _open_source(store, path, digest, start, end, offload)
-            if source is not None:
-                return await _relay_spliced(request, response, source, digest, stall, offload)
         finally:
-            splice_relay.free_slot()
+            if source is None:
+                splice_relay.free_slot()
+        if source is not None:
+            return await _relay_spliced(request, response, source, digest, stall, offload)
     try:
         stream = await offload.run(store.backend.open_read, path, start, end)
     except FileNotFoundError:
@@ -369,7 +421,10 @@ async def _relay_spliced(
     offload: Offload,
 ) -> web.StreamResponse:
     """The source's body to the client by the kernel (`splice_relay.relay` on its own
-    thread), or by aiohttp's writes when the client's socket cannot be had."""
+    thread), or by aiohttp's writes when the client's socket cannot be had. Owns the
+    source and the relay slot taken for it: a thread has both, with a duplicate of the
+    client's socket, until it ends, however this request ends (`Senders.run`)."""
+    relaying = False
     try:
         await response.prepare(request)
         fd = await aiohttp_adapter.direct_socket(request)
@@ -378,28 +433,31 @@ async def _relay_spliced(
                 request, response, source, digest, source.count, stall, offload
             )
         stop = threading.Event()
-        job = asyncio.get_running_loop().run_in_executor(
-            splice_relay.executor, splice_relay.relay, source, fd, stall, stop
-        )
+
+        def release(error: BaseException | None) -> None:
+            os.close(fd)
+            source.close()
+
+        relaying = True
         try:
-            await asyncio.shield(job)
-        except asyncio.CancelledError:
-            stop.set()  # the thread stops within `STOP_CHECK`, before the descriptor closes
-            with contextlib.suppress(Exception):
-                await job
-            raise
+            work = functools.partial(splice_relay.relay, source, fd, stall, stop)
+            await splice_relay.relays.run(work, stop, release)
         except splice_relay.ClientStalled as exc:
             return _cut_short(request, response, digest, str(exc), client=True)
         except splice_relay.SourceFailed as exc:
             return _cut_short(request, response, digest, str(exc))
         except splice_relay.ClientGone as exc:
             raise ConnectionResetError(str(exc)) from None
-        finally:
-            os.close(fd)
+        except asyncio.CancelledError:
+            if request.transport is not None:  # the body ends short: never clean-looking
+                request.transport.abort()
+            raise
         await response.write_eof()
         return response
     finally:
-        source.close()
+        if not relaying:
+            source.close()
+            splice_relay.free_slot()
 
 
 async def _relay_stream(

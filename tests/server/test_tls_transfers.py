@@ -1,8 +1,11 @@
 """Blob pulls over TLS that regproxy terminates itself (`[server] tls_certificate`).
 
-The kernel's sendfile cannot send a file on a TLS socket, so these bodies take
-`responses._send_file_tls` (large reads on a storage thread, ahead of the writes). Real
-servers on 127.0.0.1 with a certificate from a test CA; clients verify it.
+The kernel's sendfile cannot send a file on a TLS socket, so these bodies are read,
+encrypted and written by a `tls_sender` thread (`responses._send_file_by_thread`), or,
+when all its threads are busy, by the event loop (`responses._send_file_tls`: large
+reads on a storage thread, ahead of the writes). Every pull test runs both ways (the
+`tls_mode` fixture). Real servers on 127.0.0.1 with a certificate from a test CA;
+clients verify it.
 """
 
 from __future__ import annotations
@@ -10,16 +13,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
+import re
 import socket
 import ssl
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from regproxy import tls_sender
 from regproxy.server import responses
 from regproxy.server import runner as runner_mod
 from tests.support.certs import TestCA
@@ -44,9 +50,55 @@ def client_ssl(ca: TestCA) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(ca.ca_file))
 
 
+@contextlib.contextmanager
+def all_senders_busy() -> Iterator[None]:
+    """Every `tls_sender` slot taken (as by `MAX_SENDERS` pulls at once): TLS bodies go
+    by the event loop meanwhile."""
+    taken = 0
+    try:
+        while tls_sender.senders.take():
+            taken += 1
+        assert taken == tls_sender.MAX_SENDERS
+        yield
+    finally:
+        for _ in range(taken):
+            tls_sender.senders.free()
+
+
+def senders_all_free() -> bool:
+    """No `tls_sender` thread holds a slot (every send that took one has ended)."""
+    taken = 0
+    while tls_sender.senders.take():
+        taken += 1
+    for _ in range(taken):
+        tls_sender.senders.free()
+    return taken == tls_sender.MAX_SENDERS
+
+
+@pytest.fixture
+def tls_mode(request: pytest.FixtureRequest) -> Iterator[str]:
+    """How TLS bodies are sent: by a `tls_sender` thread (the usual way, and the default),
+    or by the event loop while every sender is busy (`both_ways`). Afterwards every
+    sender is free again."""
+    if getattr(request, "param", "thread") == "thread":
+        yield "thread"
+    else:
+        with all_senders_busy():
+            yield "event-loop"
+    assert senders_all_free(), "a tls_sender slot was never freed"
+
+
+#: a pull test run both ways: by a sender thread, and by the event loop
+both_ways = pytest.mark.parametrize("tls_mode", ["thread", "event-loop"], indirect=True)
+
+
 @pytest.fixture
 async def tls_registry(
-    tmp_path: Path, ca: TestCA, client_ssl: ssl.SSLContext, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    ca: TestCA,
+    client_ssl: ssl.SSLContext,
+    monkeypatch: pytest.MonkeyPatch,
+    tls_mode: str,
 ) -> AsyncIterator[ServedRegistry]:
     monkeypatch.setattr(responses, "TLS_CHUNK", PIECE)
     cert = ca.issue(tmp_path / "cert")
@@ -68,6 +120,7 @@ async def push(registry: ServedRegistry, name: str, data: bytes) -> str:
     return digest
 
 
+@both_ways
 async def test_a_tls_pull_is_byte_identical(tls_registry: ServedRegistry) -> None:
     data = os.urandom(3 * MIB + 12_345)  # not a multiple of the piece size
     digest = await push(tls_registry, "tls/pull", data)
@@ -80,6 +133,7 @@ async def test_a_tls_pull_is_byte_identical(tls_registry: ServedRegistry) -> Non
     assert hashlib.sha256(body).hexdigest() == digest.split(":")[1]
 
 
+@both_ways
 async def test_pieces_in_reused_buffers_stay_each_pulls_own(
     tls_registry: ServedRegistry,
 ) -> None:
@@ -108,6 +162,7 @@ def test_a_buffer_still_viewed_is_never_reused() -> None:
     assert responses._free_buffer(buffer) is buffer
 
 
+@both_ways
 async def test_small_and_empty_blobs_over_tls(tls_registry: ServedRegistry) -> None:
     for data in (b"", b"x", os.urandom(PIECE), os.urandom(PIECE + 1)):
         digest = await push(tls_registry, "tls/small", data)
@@ -116,6 +171,7 @@ async def test_small_and_empty_blobs_over_tls(tls_registry: ServedRegistry) -> N
         assert await resp.read() == data
 
 
+@both_ways
 @pytest.mark.parametrize(
     "header",
     [
@@ -177,6 +233,7 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+@both_ways
 async def test_a_client_leaving_mid_body_frees_everything(
     tls_registry: ServedRegistry, client_ssl: ssl.SSLContext
 ) -> None:
@@ -195,8 +252,12 @@ async def test_a_client_leaving_mid_body_frees_everything(
     assert await resp.read() == data
 
 
+@both_ways
 async def test_a_slow_reader_holds_bounded_memory(
-    tls_registry: ServedRegistry, client_ssl: ssl.SSLContext, monkeypatch: pytest.MonkeyPatch
+    tls_registry: ServedRegistry,
+    client_ssl: ssl.SSLContext,
+    monkeypatch: pytest.MonkeyPatch,
+    tls_mode: str,
 ) -> None:
     """A client that stops reading: the server stops reading the file once a few pieces
     wait in its buffers (plus what the kernel's socket buffers hold), not the whole blob;
@@ -206,6 +267,7 @@ async def test_a_slow_reader_holds_bounded_memory(
     digest = await push(tls_registry, "tls/slow", data)
     read_bytes = 0
     real = responses._read_piece_into
+    real_thread = tls_sender.read_into
 
     def counting(fd: int, buffer: bytearray, count: int, position: int) -> memoryview:
         nonlocal read_bytes
@@ -213,7 +275,14 @@ async def test_a_slow_reader_holds_bounded_memory(
         read_bytes += len(piece)
         return piece
 
+    def counting_thread(fd: int, view: memoryview, position: int) -> int:
+        nonlocal read_bytes
+        got = real_thread(fd, view, position)
+        read_bytes += got
+        return got
+
     monkeypatch.setattr(responses, "_read_piece_into", counting)
+    monkeypatch.setattr(tls_sender, "read_into", counting_thread)
     reader, writer = await _raw_tls(tls_registry, client_ssl, receive_buffer=128 * 1024)
     writer.write(request_head("GET", f"/v2/tls/slow/blobs/{digest}"))
     await writer.drain()
@@ -226,18 +295,157 @@ async def test_a_slow_reader_holds_bounded_memory(
         await asyncio.sleep(0.5)
     # what the kernels may hold: the server's send buffer at its largest and the client's
     # receive buffer (the kernel doubles what was set); the client's stream reader (its
-    # 64 KiB limit pauses it); and the server's bound (`responses._send_file_tls`): the
-    # piece read ahead, and in asyncio's SSL protocol and socket transport at most a piece
-    # plus the SSL write high-water mark each
-    kernel = _tcp_max("tcp_wmem") + 2 * 128 * 1024 + 64 * 1024
+    # 64 KiB limit pauses it) and SSL protocol (ciphertext up to its read high-water mark,
+    # plus one socket read of 256 KiB); and the server's bound. By a thread (`tls_sender`): the
+    # piece whose records wait for room. By the event loop (`responses._send_file_tls`):
+    # the piece read ahead, and in asyncio's SSL protocol and socket transport at most a
+    # piece plus the SSL write high-water mark each
+    ssl_read_high = asyncio.constants.FLOW_CONTROL_HIGH_WATER_SSL_READ * 1024
+    client = 2 * 128 * 1024 + 64 * 1024 + ssl_read_high + 256 * 1024
+    kernel = _tcp_max("tcp_wmem") + client
     ssl_high = asyncio.constants.FLOW_CONTROL_HIGH_WATER_SSL_WRITE * 1024
-    bound = kernel + 3 * PIECE + 2 * ssl_high + 256 * 1024
+    if tls_mode == "thread":
+        bound = kernel + 2 * tls_sender.PIECE
+    else:
+        bound = kernel + 3 * PIECE + 2 * ssl_high + 256 * 1024
     assert read_bytes < size
     assert read_bytes <= bound, (read_bytes, bound)
     body = bytearray()
     while len(body) < size:
         body += await reader.read(MIB)
     assert bytes(body) == data
+
+
+@both_ways
+async def test_tls_bodies_go_by_a_sender_thread(
+    tls_registry: ServedRegistry, monkeypatch: pytest.MonkeyPatch, tls_mode: str
+) -> None:
+    """Whole blobs and Ranges are sent by a `tls_sender` thread while one is free, by the
+    event loop otherwise; the same bytes either way."""
+    spans: list[tuple[int, int]] = []
+    real = tls_sender.send_file
+
+    def spying(channel: Any, fd: int, start: int, end: int, *rest: Any) -> None:
+        spans.append((start, end))
+        real(channel, fd, start, end, *rest)
+
+    monkeypatch.setattr(tls_sender, "send_file", spying)
+    data = os.urandom(MIB + 17)
+    digest = await push(tls_registry, "tls/thread", data)
+    resp = await tls_registry.http.get(f"/v2/tls/thread/blobs/{digest}")
+    assert await resp.read() == data
+    resp = await tls_registry.http.get(
+        f"/v2/tls/thread/blobs/{digest}", headers={"Range": "bytes=5-70000"}
+    )
+    assert await resp.read() == data[5:70001]
+    assert spans == ([(0, len(data)), (5, 70001)] if tls_mode == "thread" else [])
+
+
+@both_ways
+async def test_pipelined_requests_after_a_body_over_tls(
+    tls_registry: ServedRegistry, client_ssl: ssl.SSLContext
+) -> None:
+    """Requests sent at once on one connection: the ones that arrive while a body is being
+    sent wait (a thread holds the connection, its reading paused) and are answered in
+    turn afterwards, on the same connection."""
+    data = os.urandom(3 * MIB + 5)
+    digest = await push(tls_registry, "tls/pipe", data)
+    reader, writer = await _raw_tls(tls_registry, client_ssl)
+    path = f"/v2/tls/pipe/blobs/{digest}"
+    writer.write(
+        request_head("GET", path)
+        + request_head("GET", path, "Range: bytes=1-2")
+        + request_head("GET", "/v2/")
+    )
+    await writer.drain()
+    for status, body in ((200, data), (206, data[1:3]), (200, None)):
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(f"HTTP/1.1 {status}".encode()), head
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+        got = await reader.readexactly(length)
+        if body is not None:
+            assert got == body
+
+
+async def test_a_stalled_tls_client_is_cut(
+    tmp_path: Path,
+    ca: TestCA,
+    client_ssl: ssl.SSLContext,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A client that takes nothing for `server.body_timeout` while its thread sends: the
+    connection is cut (its body ends short, never looking complete), the sender is freed,
+    and the server goes on serving."""
+    cert = ca.issue(tmp_path / "cert")
+    config = make_config(
+        tmp_path,
+        server={
+            "tls_certificate": str(cert.certificate),
+            "tls_key": str(cert.key),
+            "body_timeout": "1s",
+        },
+    )
+    registry = await serve_registry(config, client_ssl=client_ssl)
+    try:
+        data = os.urandom(32 * MIB)  # far more than the socket buffers on both sides hold
+        digest = await push(registry, "tls/stall", data)
+        reader, writer = await _raw_tls(registry, client_ssl, receive_buffer=64 * 1024)
+        writer.transport.pause_reading()  # takes nothing from now on
+        caplog.set_level(logging.WARNING)
+        writer.write(request_head("GET", f"/v2/tls/stall/blobs/{digest}"))
+        await wait_until(
+            lambda: any("connection cut" in r.getMessage() for r in caplog.records), 15
+        )
+        assert any("took nothing" in r.getMessage() for r in caplog.records)
+        writer.transport.resume_reading()
+        got = 0
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            async with asyncio.timeout(10):
+                while chunk := await reader.read(MIB):
+                    got += len(chunk)
+        assert 0 < got < len(data), "a stalled client's body was never cut"
+        await wait_until(senders_all_free, timeout=5)
+        resp = await registry.http.get(
+            f"/v2/tls/stall/blobs/{digest}", headers={"Range": "bytes=0-9"}
+        )
+        assert await resp.read() == data[:10]
+    finally:
+        await registry.close()
+
+
+async def test_stopping_the_server_mid_body_stops_its_sender(
+    tmp_path: Path, ca: TestCA, client_ssl: ssl.SSLContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server stops (SIGTERM's path: handlers cancelled after the grace time) while a
+    thread sends to a client that reads nothing: the thread is told to stop and ends
+    before the connection closes; the server stops promptly and no sender is left."""
+    cert = ca.issue(tmp_path / "cert")
+    config = make_config(
+        tmp_path,
+        server={"tls_certificate": str(cert.certificate), "tls_key": str(cert.key)},
+    )
+    registry = await serve_registry(config, client_ssl=client_ssl, shutdown_timeout=0.5)
+    data = os.urandom(32 * MIB)
+    try:
+        digest = await push(registry, "tls/stop", data)
+        reader, writer = await _raw_tls(registry, client_ssl, receive_buffer=64 * 1024)
+        writer.transport.pause_reading()
+        writer.write(request_head("GET", f"/v2/tls/stop/blobs/{digest}"))
+        await writer.drain()
+        await wait_until(lambda: not senders_all_free(), timeout=5)
+        async with asyncio.timeout(10):
+            await registry.stop()
+        await wait_until(senders_all_free, timeout=2)  # within `STOP_CHECK`
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        writer.transport.resume_reading()
+        got = 0
+        with contextlib.suppress(ConnectionError, ssl.SSLError):  # cut, not closed cleanly
+            async with asyncio.timeout(10):
+                while chunk := await reader.read(MIB):
+                    got += len(chunk)
+        assert got < len(data)
+    finally:
+        await registry.close()
 
 
 async def test_plain_http_keeps_sendfile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -345,26 +553,37 @@ async def test_tls_suites_as_go_picks_them_and_no_weaker(
         assert client.cipher()[0] == "TLS_AES_128_GCM_SHA256"
 
 
+@both_ways
 async def test_cold_pulls_through_the_cache_over_tls(
     tmp_path: Path,
     ca: TestCA,
     client_ssl: ssl.SSLContext,
     fake: FakeUpstream,
     monkeypatch: pytest.MonkeyPatch,
+    tls_mode: str,
 ) -> None:
-    """A blob still arriving from the upstream goes to TLS clients in large reads of the
-    spool, as a stored one does (asyncio's sendfile fallback took 16 KiB per step): every
+    """A blob still arriving from the upstream goes to TLS clients as a stored one does,
+    span by span of the spool (asyncio's sendfile fallback took 16 KiB per step): every
     reader gets it byte-identical, the upstream sends it once."""
     monkeypatch.setattr(responses, "TLS_CHUNK", PIECE)
     sent_over_tls: list[int] = []
     send_file_tls = responses._send_file_tls
+    send_by_thread = responses._send_file_by_thread
 
     async def counting(*args: Any) -> None:
         start, end = args[4], args[5]
         sent_over_tls.append(end - start)
         await send_file_tls(*args)
 
+    async def counting_thread(*args: Any) -> bool:
+        sent = await send_by_thread(*args)
+        if sent:
+            start, end = args[3], args[4]
+            sent_over_tls.append(end - start)
+        return sent
+
     monkeypatch.setattr(responses, "_send_file_tls", counting)
+    monkeypatch.setattr(responses, "_send_file_by_thread", counting_thread)
     data = os.urandom(5 * MIB + 7)
     digest = fake.add_blob("lib/big", data)
     fake.faults.chunk_delay = 0.02  # about half a second upstream: the pulls overlap it

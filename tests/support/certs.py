@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,3 +153,15 @@ class TestCA:
         key_path.write_bytes(_key_pem(key))
         key_path.chmod(0o600)
         return ServerCert(cert_path, key_path, cert.public_bytes(serialization.Encoding.DER))
+
+
+def tls_contexts(directory: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A new test CA under `directory` and (a server context with a certificate it signed
+    for 127.0.0.1, a client context trusting only that CA)."""
+    ca = TestCA(directory / "ca")
+    cert = ca.issue(directory / "server")
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert.certificate, cert.key)
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.load_verify_locations(ca.ca_file)
+    return server_ctx, client_ctx
