@@ -76,11 +76,12 @@ def senders_all_free() -> bool:
 
 
 @pytest.fixture
-def tls_mode(request: pytest.FixtureRequest) -> Iterator[str]:
-    """How TLS bodies are sent: by a `tls_sender` thread (the usual way, and the default),
-    or by the event loop while every sender is busy (`both_ways`). Afterwards every
-    sender is free again."""
+def tls_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """How TLS bodies are sent: by a `tls_sender` thread (the default; here spans of any
+    size, small ones too), or by the event loop while every sender is busy
+    (`both_ways`). Afterwards every sender is free again."""
     if getattr(request, "param", "thread") == "thread":
+        monkeypatch.setattr(responses, "TLS_THREAD_MIN", 1)
         yield "thread"
     else:
         with all_senders_busy():
@@ -339,6 +340,30 @@ async def test_tls_bodies_go_by_a_sender_thread(
     )
     assert await resp.read() == data[5:70001]
     assert spans == ([(0, len(data)), (5, 70001)] if tls_mode == "thread" else [])
+
+
+async def test_small_spans_go_by_the_event_loop(
+    tls_registry: ServedRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Below `TLS_THREAD_MIN` lending the connection to a thread costs more than it saves:
+    such spans go by the event loop, larger ones by a thread."""
+    monkeypatch.setattr(responses, "TLS_THREAD_MIN", 256 * 1024)
+    by_thread: list[int] = []
+    real = tls_sender.send_file
+
+    def spying(channel: Any, fd: int, start: int, end: int, *rest: Any) -> None:
+        by_thread.append(end - start)
+        real(channel, fd, start, end, *rest)
+
+    monkeypatch.setattr(tls_sender, "send_file", spying)
+    data = os.urandom(MIB)
+    digest = await push(tls_registry, "tls/small-spans", data)
+    for span in (256 * 1024 - 1, 256 * 1024):
+        resp = await tls_registry.http.get(
+            f"/v2/tls/small-spans/blobs/{digest}", headers={"Range": f"bytes=0-{span - 1}"}
+        )
+        assert await resp.read() == data[:span]
+    assert by_thread == [256 * 1024]
 
 
 @both_ways
