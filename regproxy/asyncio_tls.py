@@ -100,17 +100,17 @@ class Handover:
         self._transport = transport
         self._protocol = protocol
         self._raw = raw
+        # the duplicate first: out of descriptors, nothing has changed yet (OSError)
+        fd = os.dup(raw.get_extra_info("socket").fileno())
+        self.channel = TlsChannel(protocol._sslobj, protocol._outgoing, fd)
+        self._asked: set[str] = set()
+        for name in self.HELD:
+            setattr(transport, name, self._holder(name))
         self._raw_paused = raw.is_reading()
         if self._raw_paused:
             raw.pause_reading()
         self._app_paused: bool = protocol._app_reading_paused
         protocol._app_reading_paused = True
-        self.channel = TlsChannel(
-            protocol._sslobj, protocol._outgoing, os.dup(raw.get_extra_info("socket").fileno())
-        )
-        self._asked: set[str] = set()
-        for name in self.HELD:
-            setattr(transport, name, self._holder(name))
 
     def _holder(self, name: str) -> Any:
         def held(*args: object, **kwargs: object) -> None:
@@ -151,4 +151,7 @@ def take(transport: asyncio.BaseTransport | None) -> Handover | None:
     parts = _parts(transport)
     if parts is None or _buffered(transport) or parts[1].get_write_buffer_size():
         return None
-    return Handover(transport, *parts)
+    try:
+        return Handover(transport, *parts)
+    except OSError:  # no descriptor for the duplicate: the event loop sends the body
+        return None

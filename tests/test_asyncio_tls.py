@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import select
 import ssl
@@ -339,3 +340,24 @@ async def test_reading_asked_during_a_loan_applies_after_it(
         assert conn.protocol.received == b""
         conn.transport.resume_reading()
         assert await conn.protocol.wait_for(5) == b"later"
+
+
+async def test_out_of_descriptors_lends_nothing_and_changes_nothing(
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No descriptor left for the duplicate (EMFILE): `take` returns None before pausing
+    anything or holding any method back, so the event loop sends the body as usual."""
+    async with connection(contexts) as conn:
+        assert conn.raw is not None
+
+        def no_descriptor(fd: int) -> int:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        monkeypatch.setattr(asyncio_tls.os, "dup", no_descriptor)
+        assert await flushed(conn.transport)
+        assert take(conn.transport) is None
+        monkeypatch.undo()
+        assert conn.raw.is_reading()
+        assert not any(name in vars(conn.transport) for name in Handover.HELD)
+        conn.transport.write(b"as usual")
+        assert await asyncio.wait_for(conn.reader.readexactly(8), 5) == b"as usual"
