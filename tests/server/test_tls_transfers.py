@@ -345,8 +345,8 @@ async def test_tls_bodies_go_by_a_sender_thread(
 async def test_small_spans_go_by_the_event_loop(
     tls_registry: ServedRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Below `TLS_THREAD_MIN` lending the connection to a thread costs more than it saves:
-    such spans go by the event loop, larger ones by a thread."""
+    """Below `TLS_THREAD_MIN` lending the connection to a thread costs about what it
+    saves: such spans go by the event loop, larger ones by a thread."""
     monkeypatch.setattr(responses, "TLS_THREAD_MIN", 256 * 1024)
     by_thread: list[int] = []
     real = tls_sender.send_file
