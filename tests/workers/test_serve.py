@@ -207,6 +207,59 @@ async def test_sighup_reloads_the_certificate_of_every_worker(tmp_path: Path) ->
         srv.stop()
 
 
+async def test_tls_pulls_from_each_worker_and_across_a_reload(tmp_path: Path) -> None:
+    """Blob bodies over TLS go by each worker's sender threads (`tls_sender`): pulls that
+    reach both workers arrive byte-identical, those started just before SIGHUP reloads
+    the certificate of every worker included."""
+    ca = TestCA(tmp_path / "ca")
+    cert = ca.issue(tmp_path / "cert")
+    tls = (
+        f"tls_certificate = {json.dumps(str(cert.certificate))}\n"
+        f"tls_key = {json.dumps(str(cert.key))}\n"
+    )
+    srv = WorkersProcess(tmp_path / "srv", extra_config=f"[server]\n{tls}")
+    srv.start()
+    try:
+        trust = ssl.create_default_context(cafile=str(ca.ca_file))
+        url = f"https://127.0.0.1:{srv.port}"
+        data = os.urandom(24 * MiB)
+        digest = sha256(data)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{url}/v2/tls/workers/blobs/uploads/?digest={digest}", data=data, ssl=trust
+            ) as resp,
+        ):
+            assert resp.status == 201, await resp.text()
+
+        async def pull() -> tuple[str, bytes]:
+            # a connection of its own, so the kernel may hand it to either worker
+            async with (
+                aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as one,
+                one.get(f"{url}/v2/tls/workers/blobs/{digest}", ssl=trust) as resp,
+            ):
+                assert resp.status == 200
+                return resp.headers["X-Regproxy-Replica"], await resp.read()
+
+        replicas: set[str] = set()
+        for batch in range(8):
+            pulls = [asyncio.create_task(pull()) for _ in range(4)]
+            if batch == 0:
+                await asyncio.sleep(0.05)  # under way
+                os.kill(srv.supervisor, signal.SIGHUP)
+            for replica, body in await asyncio.gather(*pulls):
+                assert body == data
+                replicas.add(replica)
+            if len(replicas) == 2:
+                break
+        assert len(replicas) == 2, replicas
+        await wait_until(
+            lambda: srv.log_tail().count("TLS certificate reloaded") == 2, what="two reloads"
+        )
+    finally:
+        srv.stop()
+
+
 async def _replica_over_tls(url: str, trust: ssl.SSLContext) -> str:
     async with aiohttp.ClientSession() as session, session.get(f"{url}/v2/", ssl=trust) as resp:
         return resp.headers["X-Regproxy-Replica"].rsplit("-", 1)[0]
