@@ -183,15 +183,8 @@ async def test_sighup_reloads_the_certificate_of_every_worker(tmp_path: Path) ->
     live.mkdir()
     (live / "server.crt").write_bytes(first.certificate.read_bytes())
     (live / "server.key").write_bytes(first.key.read_bytes())
-    tls = (
-        f"tls_certificate = {json.dumps(str(live / 'server.crt'))}\n"
-        f"tls_key = {json.dumps(str(live / 'server.key'))}\n"
-    )
-    srv = WorkersProcess(tmp_path / "srv", extra_config=f"[server]\n{tls}")
-    srv.start()
+    srv, trust, url = _workers_over_tls(tmp_path, live / "server.crt", live / "server.key", ca)
     try:
-        trust = ssl.create_default_context(cafile=str(ca.ca_file))
-        url = f"https://127.0.0.1:{srv.port}"
         host = await _replica_over_tls(url, trust)
         assert await _certificates_seen(url, trust, host) == {first.der}
         second = ca.issue(tmp_path / "second")
@@ -213,15 +206,8 @@ async def test_tls_pulls_from_each_worker_and_across_a_reload(tmp_path: Path) ->
     the certificate of every worker included."""
     ca = TestCA(tmp_path / "ca")
     cert = ca.issue(tmp_path / "cert")
-    tls = (
-        f"tls_certificate = {json.dumps(str(cert.certificate))}\n"
-        f"tls_key = {json.dumps(str(cert.key))}\n"
-    )
-    srv = WorkersProcess(tmp_path / "srv", extra_config=f"[server]\n{tls}")
-    srv.start()
+    srv, trust, url = _workers_over_tls(tmp_path, cert.certificate, cert.key, ca)
     try:
-        trust = ssl.create_default_context(cafile=str(ca.ca_file))
-        url = f"https://127.0.0.1:{srv.port}"
         data = os.urandom(24 * MiB)
         digest = sha256(data)
         async with (
@@ -258,6 +244,17 @@ async def test_tls_pulls_from_each_worker_and_across_a_reload(tmp_path: Path) ->
         )
     finally:
         srv.stop()
+
+
+def _workers_over_tls(
+    tmp_path: Path, certificate: Path, key: Path, ca: TestCA
+) -> tuple[WorkersProcess, ssl.SSLContext, str]:
+    """Two workers serving TLS with `certificate` and `key`, started; a client context
+    trusting `ca`, and the server's URL."""
+    tls = f"tls_certificate = {json.dumps(str(certificate))}\ntls_key = {json.dumps(str(key))}\n"
+    srv = WorkersProcess(tmp_path / "srv", extra_config=f"[server]\n{tls}")
+    srv.start()
+    return srv, ssl.create_default_context(cafile=str(ca.ca_file)), f"https://127.0.0.1:{srv.port}"
 
 
 async def _replica_over_tls(url: str, trust: ssl.SSLContext) -> str:
