@@ -173,8 +173,9 @@ def take_request_body(request: web.BaseRequest, length: int) -> TakenBody | None
 
 
 def take_response_body(resp: ClientResponse, length: int) -> TakenBody | None:
-    """`sockbody.take_over` of a client response body of `length` bytes, or None. The
-    caller then `close()`s the response: its connection cannot go back to the pool.
+    """`sockbody.take_over` of a client response body of `length` bytes (over TLS too),
+    or None. The caller then `close()`s the response: its connection cannot go back to
+    the pool.
 
     Relies on (checked with 3.14.x): `resp.connection.transport` being the socket's
     asyncio transport; `resp.content` as in `take_request_body`; the client protocol
@@ -182,7 +183,7 @@ def take_response_body(resp: ClientResponse, length: int) -> TakenBody | None:
     connection = resp.connection
     if connection is None:
         return None
-    return take_over(resp.content, connection.transport, length)
+    return take_over(resp.content, connection.transport, length, tls=True)
 
 
 def body_bytes_received(request: web.BaseRequest) -> int:

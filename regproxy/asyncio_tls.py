@@ -1,5 +1,6 @@
 """Every use of asyncio's SSL transport beyond its documented API, in one place: handing
-a TLS connection to a thread (`tls_sender`) for the rest of a response body.
+a TLS connection to a thread for the rest of a body: a response body the server sends
+(`tls_sender`), or an upstream's response body the proxy reads (`sockbody`).
 
 Why: a blob file over TLS is read, encrypted and written per byte; done by asyncio's SSL
 transport, Python runs on the event loop for every write (see `tls_sender`). The thread
@@ -8,7 +9,8 @@ writes TLS records with the connection's own `SSLObject`, which asyncio keeps pr
 Relies on (checked with CPython 3.11, whose `asyncio.sslproto` 3.12 and 3.13 keep):
 the transport asyncio returns for a TLS server connection holding its `SSLProtocol` as
 `_ssl_protocol`; that protocol's `_sslobj` (an `ssl.SSLObject`), `_outgoing` (the
-`ssl.MemoryBIO` it writes records to), `_transport` (the socket transport under it),
+`ssl.MemoryBIO` it writes records to), `_incoming` (the one it reads records from, where
+records asyncio has read but not decrypted wait), `_transport` (the socket transport under it),
 `_state` (`SSLProtocolState.WRAPPED` while application data flows) and
 `_app_reading_paused` (set, it reads nothing for the application, not even in a read
 already scheduled); and the protocol using `_sslobj` and `_outgoing` only when it
@@ -47,6 +49,7 @@ def _parts(transport: asyncio.BaseTransport | None) -> tuple[Any, Any] | None:
     if not (
         isinstance(getattr(protocol, "_sslobj", None), ssl.SSLObject)
         and isinstance(getattr(protocol, "_outgoing", None), ssl.MemoryBIO)
+        and isinstance(getattr(protocol, "_incoming", None), ssl.MemoryBIO)
         and isinstance(raw, asyncio.Transport)
         and getattr(protocol, "_state", None) is sslproto.SSLProtocolState.WRAPPED
         and not raw.is_closing()
@@ -102,7 +105,7 @@ class Handover:
         self._raw = raw
         # the duplicate first: out of descriptors, nothing has changed yet (OSError)
         fd = os.dup(raw.get_extra_info("socket").fileno())
-        self.channel = TlsChannel(protocol._sslobj, protocol._outgoing, fd)
+        self.channel = TlsChannel(protocol._sslobj, protocol._outgoing, fd, protocol._incoming)
         self._asked: set[str] = set()
         for name in self.HELD:
             setattr(transport, name, self._holder(name))

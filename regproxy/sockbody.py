@@ -10,6 +10,12 @@ the rest with `readv` into a few reused buffers while one thread per consumer (s
 write, hash) works through the buffers already filled, in order. The event loop does
 nothing meanwhile.
 
+An upstream's response over TLS (`take_over(..., tls=True)`) is read the same way: the
+connection is lent to the pump (`asyncio_tls.take`), which reads records from the socket
+into the connection's incoming memory BIO and decrypts them with its own `SSLObject`
+(OpenSSL decrypts with the GIL released), so the decryption moves off the event loop too.
+The loan ends, on the event loop, when the pump has returned (`TakenBody.close`).
+
 The connection cannot carry another message afterwards: aiohttp's parser still counts
 the body as pending. Whoever takes a body over closes the connection after answering.
 
@@ -26,12 +32,17 @@ import mmap
 import os
 import queue
 import select
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
+
+from regproxy import asyncio_tls
+from regproxy.direct_send import write_all
+from regproxy.tls_sender import TlsChannel
 
 #: Smaller bodies go through aiohttp: not worth a connection that cannot be reused.
 DIRECT_MIN = 1024 * 1024
@@ -99,13 +110,22 @@ class TakenBody:
     remaining: int
     fd: int = -1
     stop: threading.Event = field(default_factory=threading.Event)
+    #: a TLS connection lent to the pump: the rest is decrypted with its `SSLObject`
+    tls: TlsChannel | None = None
     _slot: bool = field(default=False, repr=False)
+    _handover: asyncio_tls.Handover | None = field(default=None, repr=False)
 
-    def close(self) -> None:
-        """Release the duplicated descriptor (the transport keeps its own) and the slot.
+    def close(self, failed: bool = False) -> None:
+        """Release the duplicated descriptor (the transport keeps its own) and the slot;
+        end a TLS connection's loan (on the event loop: `drive` calls it there), cutting
+        the connection when the pump `failed` (it may have stopped inside a record).
 
         Only once nothing reads the descriptor any more: `drive` does it when the pump
         returns, since a number closed under a running `readv` could be reused."""
+        if self._handover is not None:
+            handover, self._handover = self._handover, None
+            self.fd = -1  # the loan's own duplicate, closed by `give_back`
+            handover.give_back(BodyStopped("the pump failed") if failed else None)
         if self.fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
@@ -136,15 +156,20 @@ def plain_socket(transport: Transport | None) -> Any | None:
     return transport.get_extra_info("socket")
 
 
-def take_over(content: BufferedBody, transport: Transport | None, length: int) -> TakenBody | None:
+def take_over(
+    content: BufferedBody, transport: Transport | None, length: int, *, tls: bool = False
+) -> TakenBody | None:
     """Take the rest of a `length`-byte body away from aiohttp, or None if it cannot be.
 
     `content` is the body's reader, not read from yet. Must be called on the event loop,
-    without awaiting in between, so no data callback runs meanwhile.
+    without awaiting in between, so no data callback runs meanwhile. `tls`: a connection
+    with asyncio's TLS may be taken too (lent to the pump, see the module's docstring).
     """
     sock = plain_socket(transport)
-    if sock is None or content.exception() is not None:
+    if content.exception() is not None:
         return None
+    if sock is None:
+        return _take_tls(content, transport, length) if tls else None
     if not _slots.acquire(blocking=False):
         return None  # `MAX_BODIES` already being read by threads: aiohttp reads this one
     head: list[bytes] = []
@@ -163,6 +188,34 @@ def take_over(content: BufferedBody, transport: Transport | None, length: int) -
         raise
 
 
+def _take_tls(content: BufferedBody, transport: Any, length: int) -> TakenBody | None:
+    """`take_over` of a body on a TLS connection: the loan first (nothing has been taken
+    when it cannot be had), then what aiohttp buffered."""
+    if transport is None or not _slots.acquire(blocking=False):
+        return None
+    handover = None
+    try:
+        handover = asyncio_tls.take(transport)
+        if handover is None:  # not asyncio's TLS, closing, or something waits to be sent
+            _slots.release()
+            return None
+        head: list[bytes] = []
+        while data := content.read_nowait():  # a resume it asks for is held by the loan
+            head.append(data)
+        remaining = length - content.total_bytes
+        if remaining <= 0:
+            handover.give_back(None)
+            _slots.release()
+            return TakenBody(head, 0)
+        channel = handover.channel
+        return TakenBody(head, remaining, channel.fd, tls=channel, _slot=True, _handover=handover)
+    except BaseException:
+        if handover is not None:
+            handover.give_back(None)
+        _slots.release()
+        raise
+
+
 async def drive(body: TakenBody, work: Callable[[], T], *, wait_when_cancelled: bool) -> T:
     """Run `work` (which calls `pump(body, …)`) on a body thread; return its result.
 
@@ -171,7 +224,7 @@ async def drive(body: TakenBody, work: Callable[[], T], *, wait_when_cancelled: 
     a consumer uses something the caller is about to close).
     """
     future = asyncio.get_running_loop().run_in_executor(_executor, work)
-    future.add_done_callback(lambda _: body.close())
+    future.add_done_callback(lambda done: body.close(_failed(done)))
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
@@ -180,6 +233,10 @@ async def drive(body: TakenBody, work: Callable[[], T], *, wait_when_cancelled: 
             with contextlib.suppress(Exception):
                 await future
         raise
+
+
+def _failed(future: asyncio.Future[Any]) -> bool:
+    return future.cancelled() or future.exception() is not None
 
 
 class _Consumer(threading.Thread):
@@ -277,6 +334,64 @@ def _fill(fd: int, view: memoryview, pace: _Pace, stop: threading.Event) -> int:
     return filled
 
 
+#: ciphertext read from a TLS socket per `recv` (several records)
+TLS_READ = 256 * 1024
+
+
+class _TlsReader:
+    """Fills buffers with a lent TLS connection's plaintext: records read from the socket
+    into its incoming BIO, decrypted by its `SSLObject` (see the module's docstring)."""
+
+    def __init__(self, channel: TlsChannel) -> None:
+        assert channel.incoming is not None
+        self.channel = channel
+        self.incoming = channel.incoming
+        self.cipher = memoryview(bytearray(TLS_READ))
+
+    def fill_from(self, fd: int, view: memoryview, pace: _Pace, stop: threading.Event) -> int:
+        """As `_fill` (`fd` is the channel's), decrypting; a TLS failure or the peer's
+        close_notify before the end is `BodyTruncated` (never a complete-looking body)."""
+        channel, filled = self.channel, 0
+        try:
+            while filled < len(view):
+                try:
+                    # with a buffer, read() returns a count (typeshed says bytes)
+                    n = cast(int, channel.sslobj.read(len(view) - filled, view[filled:]))
+                except ssl.SSLWantReadError:
+                    self._receive(pace, stop)
+                    continue
+                except ssl.SSLZeroReturnError:
+                    n = 0
+                except ssl.SSLError as exc:
+                    raise BodyTruncated(f"TLS failed mid-body: {exc}") from None
+                if n == 0:
+                    raise BodyTruncated("the connection closed before the end of the body")
+                filled += n
+                pace.got(n)
+        except (BodyTimeout, BodyStopped, OSError) as exc:
+            setattr(exc, "filled", filled)  # noqa: B010 - as in `_fill`
+            raise
+        return filled
+
+    def _receive(self, pace: _Pace, stop: threading.Event) -> None:
+        """Records from the socket into the incoming BIO (what OpenSSL wanted to send
+        meanwhile, say a key update's answer, goes out first)."""
+        fd = self.channel.fd
+        if self.channel.outgoing.pending:
+            write_all(memoryview(self.channel.outgoing.read()), fd, pace.idle_timeout, stop)
+        while True:
+            try:
+                n = os.readv(fd, [self.cipher])
+            except (BlockingIOError, InterruptedError):
+                _wait_readable(fd, pace, stop)
+                continue
+            if n == 0:
+                self.incoming.write_eof()  # the next read says how the connection ended
+            else:
+                self.incoming.write(self.cipher[:n])
+            return
+
+
 def _dispatch(workers: list[_Consumer], users: list[int], view: memoryview, index: int) -> None:
     users[index] = len(workers)
     for worker in workers:
@@ -333,6 +448,7 @@ def pump(
     total = 0
     want = block - position % block
     pace = _Pace(idle_timeout, min_rate)
+    fill = _fill if body.tls is None else _TlsReader(body.tls).fill_from
     try:
         while total < body.remaining:
             waited = time.monotonic()
@@ -344,7 +460,7 @@ def pump(
                 break
             view = buffers[index][: min(want, size, body.remaining - total)]
             try:
-                _fill(body.fd, view, pace, body.stop)
+                fill(body.fd, view, pace, body.stop)
             except (BodyTimeout, BodyStopped, OSError) as exc:
                 # what did arrive is kept (an upload can resume after it), then the error
                 if filled := getattr(exc, "filled", 0):

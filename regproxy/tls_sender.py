@@ -51,12 +51,14 @@ class TlsFailed(Exception):
 
 @dataclass(frozen=True)
 class TlsChannel:
-    """A TLS connection handed to a thread: its `SSLObject`, the memory BIO that object
-    writes its records to, and a duplicate of the socket's descriptor (non-blocking)."""
+    """A TLS connection handed to a thread: its `SSLObject`, the memory BIOs that object
+    writes its records to and reads them from, and a duplicate of the socket's descriptor
+    (non-blocking)."""
 
     sslobj: ssl.SSLObject
     outgoing: ssl.MemoryBIO
     fd: int
+    incoming: ssl.MemoryBIO | None = None
 
 
 def send_file(

@@ -4,14 +4,14 @@ TLS server and client over loopback, so a Python release that changes one fails 
 rather than corrupting a connection in production.
 
 Checked: the transport's parts (`_ssl_protocol`, its `_sslobj`, `_outgoing`,
-`_transport`, `_state`, `_app_reading_paused`) are there and behave as relied on; `take`
-lends nothing it cannot (no TLS, no transport, a closing connection, bytes still unsent:
-`flushed` gives up after `FLUSH_WAIT`); a loan works end to end: a thread's `send_file`
-reaches the client intact, the client's bytes wait while the thread owns the connection
-and reach the protocol after, the transport's own writes still decrypt afterwards (the
-record sequence numbers stayed in step), and reading is resumed only when the loan
-paused it; and what is asked of the transport during a loan (close, abort, write, a
-change of reading) waits for `give_back`.
+`_incoming`, `_transport`, `_state`, `_app_reading_paused`) are there and behave as
+relied on; `take` lends nothing it cannot (no TLS, no transport, a closing connection,
+bytes still unsent: `flushed` gives up after `FLUSH_WAIT`); a loan works end to end: a
+thread's `send_file` reaches the client intact, the client's bytes wait while the thread
+owns the connection and reach the protocol after, the transport's own writes still
+decrypt afterwards (the record sequence numbers stayed in step), and reading is resumed
+only when the loan paused it; and what is asked of the transport during a loan (close,
+abort, write, a change of reading) waits for `give_back`.
 """
 
 from __future__ import annotations
@@ -156,6 +156,9 @@ async def test_the_tls_transport_has_the_parts_relied_on(
         protocol: Any = ssl_protocol  # its private attributes are not in typeshed
         assert isinstance(protocol._sslobj, ssl.SSLObject)
         assert isinstance(protocol._outgoing, ssl.MemoryBIO)
+        # where records read from the socket wait to be decrypted (a pump reads a body
+        # on through it: tests/test_sockbody_tls.py)
+        assert isinstance(protocol._incoming, ssl.MemoryBIO)
         assert isinstance(protocol._transport, asyncio.Transport)
         assert protocol._transport.get_extra_info("socket") is not None
         assert protocol._state is asyncio.sslproto.SSLProtocolState.WRAPPED
@@ -197,6 +200,10 @@ async def test_a_thread_sends_over_the_connection_and_hands_it_back(
             handover = await lend(conn.transport)
             assert handover is not None
             channel = handover.channel
+            protocol: Any = getattr(conn.transport, "_ssl_protocol", None)
+            assert channel.sslobj is protocol._sslobj
+            assert channel.outgoing is protocol._outgoing
+            assert channel.incoming is protocol._incoming
             assert not conn.raw.is_reading()  # paused for the thread
             # a pipelined request: it must wait in the kernel, not reach the SSLObject
             conn.writer.write(b"the next request")

@@ -695,8 +695,8 @@ class ProxyCache:
             raise FlightFailed("upstream blob does not match its digest")
 
     async def _spool_direct(self, taken: TakenBody, flight: BlobFlight, upstream: str) -> None:
-        """The body read from the socket by `sockbody.pump`: one thread reads, one writes
-        the spool (and puts each block in the window), one hashes."""
+        """The body read from the socket by `sockbody.pump`: one thread reads (and
+        decrypts), one writes the spool (and puts each block in the window), one hashes."""
         hasher = flight.digest.hasher()
         sink = flight.sink(hasher, self._counter(upstream), to_window=True)
         if self.config.server.direct_writes:

@@ -567,7 +567,7 @@ class Upstream:
     @staticmethod
     def take_body(resp: aiohttp.ClientResponse) -> TakenBody | None:
         """A blob body taken from aiohttp for `sockbody.pump` (large, Content-Length, no
-        content coding, plain TCP), else None. The caller must then `close()` the
+        content coding; plain TCP or asyncio's TLS), else None. The caller must then `close()` the
         response: its connection cannot go back to the pool."""
         length = direct_length(resp.content_length, resp.headers)
         if length is None:

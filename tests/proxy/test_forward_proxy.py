@@ -10,6 +10,7 @@ sets them before it starts regproxy.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,27 @@ async def test_a_pull_reaches_the_upstream_only_through_the_proxy(
     message = pulled.json()["errors"][0]["message"]
     assert f"cannot connect to proxy http://127.0.0.1:{tinyproxy.port}" in message, message
     assert len(upstream.requests) == before
+
+
+async def test_a_large_blob_through_the_tunnel_is_decrypted_by_the_pump(
+    upstream: TlsFakeUpstream,
+    tinyproxy: Tinyproxy,
+    ca: TestCA,
+    make_proxy: ProxyFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    tls_reads: list[int],
+) -> None:
+    """A blob large enough for the pump, over TLS inside a CONNECT tunnel: the connection
+    asyncio started TLS on is lent to the pump like any other, and the bytes are exact."""
+    monkeypatch.setenv("HTTPS_PROXY", tinyproxy.url)
+    proxy = await _regproxy(make_proxy, upstream, ca)
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    digest = upstream.add_blob("team/big", data)
+    pulled = await proxy.blob("team/big", digest)
+    assert_proxied(pulled)
+    assert pulled.body == data
+    assert sum(tls_reads) > 2 * 1024 * 1024, tls_reads
+    assert f"localhost:{upstream.cdn_port}" in tinyproxy.connects()
 
 
 @pytest.mark.parametrize(

@@ -21,34 +21,15 @@ from tests.support.certs import TestCA
 from tests.support.digests import sha256
 from tests.support.inprocess import make_config
 from tests.support.proxy import Proxy, ProxyFactory, assert_proxied, assert_upstream_error
-from tests.support.tls_upstream import TlsFakeUpstream
+from tests.support.tls_upstream import TlsFakeUpstream, running
 
 pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
-def ca(tmp_path: Path) -> TestCA:
-    return TestCA(tmp_path / "ca")
-
-
-async def _started(upstream: TlsFakeUpstream) -> AsyncIterator[TlsFakeUpstream]:
-    await upstream.start()
-    try:
-        yield upstream
-    finally:
-        await upstream.close()
-
-
-@pytest.fixture
-async def tls_fake(ca: TestCA, tmp_path: Path) -> AsyncIterator[TlsFakeUpstream]:
-    async for upstream in _started(TlsFakeUpstream(ca, tmp_path / "tls")):
-        yield upstream
-
-
-@pytest.fixture
 async def mtls_fake(ca: TestCA, tmp_path: Path) -> AsyncIterator[TlsFakeUpstream]:
     upstream = TlsFakeUpstream(ca, tmp_path / "mtls", require_client_certificate=True)
-    async for started in _started(upstream):
+    async for started in running(upstream):
         yield started
 
 

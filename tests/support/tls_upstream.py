@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Literal
 
@@ -82,3 +83,12 @@ class TlsFakeUpstream(FakeUpstream):
         assert server is not None
         bound = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         return runner, bound
+
+
+async def running(upstream: TlsFakeUpstream) -> AsyncIterator[TlsFakeUpstream]:
+    """`upstream` started, for a fixture to yield from; closed when the fixture ends."""
+    await upstream.start()
+    try:
+        yield upstream
+    finally:
+        await upstream.close()
