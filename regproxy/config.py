@@ -191,8 +191,8 @@ class ServerConfig:
     #: after `body_timeout`, a request body averaging fewer bytes per second than this is
     #: cut off (a trickle that never quite stalls); 0 turns the rule off
     body_min_rate: ByteSize = ByteSize(1024)
-    #: large uploads and proxy spools: bytes past the first 64 MiB bypass the page cache
-    #: (O_DIRECT); turn off where direct I/O is slow, such as temporary storage on NFS
+    #: large uploads: bytes past the first 64 MiB bypass the page cache (O_DIRECT); turn
+    #: off where direct I/O is slow, such as temporary storage on NFS
     direct_writes: bool = True
     #: request bodies held in memory at once, all requests together (manifests); past it
     #: a body waits briefly for room, then is refused with 429

@@ -20,7 +20,7 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -47,7 +47,6 @@ from regproxy.proxy.upstream import Upstream, UpstreamError, client_timeout
 from regproxy.reference import ProxyName, upstream_storage_key
 from regproxy.sockbody import BodyTimeout, BodyTruncated, TakenBody
 from regproxy.storage.aio import Offload
-from regproxy.storage.fs import DIRECT_FROM
 from regproxy.storage.intake import take_in, take_in_direct
 from regproxy.storage.replicas import CLAIM_RENEW, Replica, Replicas
 from regproxy.storage.store import Store, StoredManifest
@@ -680,27 +679,24 @@ class ProxyCache:
         """Stream the body into the spool while hashing (`storage.intake`)."""
         hasher = flight.digest.hasher()
         sink = flight.sink(hasher, self._counter(upstream))
-        if self.config.server.direct_writes:
-            flight.direct_from = DIRECT_FROM  # readers at the head are sent the window
+        received = 0
 
-        async def arriving() -> AsyncIterator[bytes]:
-            async for data in resp.content.iter_any():
-                if flight.total is not None and flight.received + len(data) > flight.total:
-                    raise FlightFailed("upstream sent more bytes than announced")
-                flight.arrived(data)
-                yield data
+        def check(size: int) -> None:
+            nonlocal received
+            received += size
+            if flight.total is not None and received > flight.total:
+                raise FlightFailed("upstream sent more bytes than announced")
 
-        await take_in(arriving(), sink, self.offload)
+        await take_in(resp.content.iter_any(), sink, self.offload, check)
         if hasher.hexdigest() != flight.digest.hex:
             raise FlightFailed("upstream blob does not match its digest")
 
     async def _spool_direct(self, taken: TakenBody, flight: BlobFlight, upstream: str) -> None:
         """The body read from the socket by `sockbody.pump`: one thread reads (and
-        decrypts), one writes the spool (and puts each block in the window), one hashes."""
+        decrypts, from a TLS upstream), one writes the spool, one hashes; readers are told
+        of each block as it lands."""
         hasher = flight.digest.hasher()
-        sink = flight.sink(hasher, self._counter(upstream), to_window=True)
-        if self.config.server.direct_writes:
-            flight.direct_from = DIRECT_FROM
+        sink = flight.sink(hasher, self._counter(upstream))
         try:
             # cancelled: wait for the pump, never close the spool under a running write
             await take_in_direct(

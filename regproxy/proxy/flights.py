@@ -2,19 +2,9 @@
 
 `SingleFlight` shares the result of a small coroutine (a manifest revalidation).
 `BlobFlight` is one blob being streamed from upstream into a spool file: every
-requester, the first included, reads it at its own pace; the last byte is only
-released once the digest has been verified and the blob committed, so a failed
-fetch can never look like a complete body.
-
-The bytes that just arrived are also kept in memory for a moment (the flight's
-window, at most `WINDOW` bytes, `WINDOWS_TOTAL` for all flights): readers at the
-head are sent them from there, not from pages of the spool written a moment
-before, and the bulk of a large spool is written past the page cache
-(`DirectWriter`). Why: on virtual machines such as the benchmarks' 2-core VM, a
-page-cache page the guest has not used lately costs ~17 µs to fill (a 512 MiB
-spool: ~2.2 CPU-seconds, bounding a cold pull at ~230 MB/s), while `O_DIRECT`
-writes from reused buffers cost almost nothing. Readers behind the window read
-the spool file, as every reader did before.
+requester, the first included, reads the spool at its own pace; the last byte
+is only released once the digest has been verified and the blob committed, so
+a failed fetch can never look like a complete body.
 
 `Claim` extends both across processes that share a temp folder (`[server] workers`):
 one of them fetches, the others follow its spool file or wait for its result.
@@ -27,51 +17,16 @@ import contextlib
 import fcntl
 import json
 import os
-from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Hashable, Iterator, Sequence
 from pathlib import Path
-from typing import BinaryIO, NamedTuple, TypeVar
+from typing import BinaryIO, TypeVar
 
 from regproxy.digest import Digest, Hasher
 from regproxy.storage.aio import Offload
-from regproxy.storage.fs import DirectWriter
 from regproxy.storage.intake import update_all
 
 T = TypeVar("T")
 READ_CHUNK = 1024 * 1024
-#: the latest bytes of a fetch each flight keeps in memory for readers at its head
-WINDOW = 8 * 1024 * 1024
-#: …and all flights together (past it, new bytes reach readers through the spool only)
-WINDOWS_TOTAL = 64 * 1024 * 1024
-
-
-class WindowBudget:
-    """The bytes all flights' windows hold, bounded: however many blobs are fetched at
-    once, their windows never take more than `limit` bytes of memory."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-
-    def take(self, count: int) -> bool:
-        if self.used + count > self.limit:
-            return False
-        self.used += count
-        return True
-
-    def give(self, count: int) -> None:
-        self.used -= count
-
-
-#: the budget of this process's flights
-windows = WindowBudget(WINDOWS_TOTAL)
-
-
-class FileSpan(NamedTuple):
-    """Bytes `[start, end)` of the spool file, ready to send."""
-
-    start: int
-    end: int
 
 
 class SingleFlight:
@@ -122,15 +77,6 @@ class BlobFlight:
         self.claim: Claim | None = None
         #: the spool is this flight's own (False: another process's, followed: never removed)
         self.owns_spool = True
-        #: bytes of the body seen on the event loop (`arrived`), on disk yet or not; stays
-        #: 0 for a body read off the socket by a thread, or another process's spool
-        self.received = 0
-        #: the window: the latest arrived pieces, from offset `_recent_start` on
-        self._recent: deque[bytes] = deque()
-        self._recent_start = 0
-        self._recent_bytes = 0
-        #: spool bytes past this offset are written past the page cache (None: never)
-        self.direct_from: int | None = None
 
     # ---- writer side (the app-owned fetch task) ----------------------------------------
 
@@ -143,13 +89,9 @@ class BlobFlight:
         self.state = self.STREAMING
         self._notify()
 
-    def sink(
-        self, hasher: Hasher, on_landed: Callable[[int], None], *, to_window: bool = False
-    ) -> SpoolSink:
-        """Where the upstream body goes (`intake.take_in` / `take_in_direct`).
-        `to_window`: blocks written past the page cache are also put in the window (a
-        body read by a thread; one read on the event loop puts its pieces there itself)."""
-        return SpoolSink(self, hasher, on_landed, asyncio.get_running_loop(), to_window)
+    def sink(self, hasher: Hasher, on_landed: Callable[[int], None]) -> SpoolSink:
+        """Where the upstream body goes (`intake.take_in` / `take_in_direct`)."""
+        return SpoolSink(self, hasher, on_landed, asyncio.get_running_loop())
 
     def write_sync(self, pieces: Sequence[bytes | memoryview], at: int | None = None) -> int:
         """Write `pieces` to the spool at `at` (default: its end so far), in a worker
@@ -164,51 +106,8 @@ class BlobFlight:
                 n += done
         return n
 
-    def arrived(self, data: bytes) -> None:
-        """`data` arrived from upstream: the next bytes of the body, on disk or not yet
-        (a body read on the event loop is put here before it is written; a thread's
-        blocks as they are written, when every byte before them is on disk). Readers may
-        be sent it from memory at once. Kept while the window and the budget have room;
-        the window is one unbroken run of the body, ending at the newest byte kept."""
-        count = len(data)
-        if not count or self.state != self.STREAMING:
-            return
-        start = max(self.received, self.written)
-        recent_end = self._recent_start + self._recent_bytes
-        if self._recent and recent_end != start and recent_end <= self.written:
-            self._release_window()  # a run left behind (the budget refused a piece), on disk
-        contiguous = not self._recent or recent_end == start
-        if contiguous and windows.take(count):
-            if not self._recent:
-                self._recent_start = start
-            self._recent.append(data)
-            self._recent_bytes += count
-        self.received = start + count
-        self._trim()
-        self._notify()
-
-    def _trim(self) -> None:
-        """Drop the oldest pieces past `WINDOW`, but only once they are on disk: a reader
-        always finds every byte it may send in the window or in the spool."""
-        recent = self._recent
-        while recent and self._recent_bytes > WINDOW:
-            size = len(recent[0])
-            if self._recent_start + size > self.written:
-                break
-            recent.popleft()
-            self._recent_start += size
-            self._recent_bytes -= size
-            windows.give(size)
-
-    def _release_window(self) -> None:
-        windows.give(self._recent_bytes)
-        self._recent.clear()
-        self._recent_start += self._recent_bytes
-        self._recent_bytes = 0
-
     def advance(self, n: int) -> None:
         self.written += n
-        self._trim()
         self._notify()
 
     def commit(self) -> None:
@@ -219,7 +118,6 @@ class BlobFlight:
     def fail(self, error: FlightFailed) -> None:
         self.state = self.FAILED
         self.error = error
-        self._release_window()
         if self.owns_spool:
             with contextlib.suppress(OSError):
                 os.unlink(self.spool)
@@ -230,7 +128,6 @@ class BlobFlight:
         if self.readers == 0 and self.state in (self.COMMITTED, self.FAILED) and self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-            self._release_window()
 
     # ---- reader side --------------------------------------------------------------------
 
@@ -263,65 +160,30 @@ class BlobFlight:
         self.readers -= 1
         self._maybe_close()
 
-    async def parts(self) -> AsyncGenerator[FileSpan | list[memoryview], None]:
-        """The whole blob as it becomes ready to send, in order: pieces from the window
-        (views of the bytes that just arrived) or spans of the spool file. Raises
-        `FlightFailed` on failure. The final byte is never handed out before the digest
-        is verified, so a failed fetch never looks like a complete body."""
+    async def spans(self) -> AsyncGenerator[tuple[int, int], None]:
+        """(start, end) ranges of the spool ready to send, in order, until the whole blob;
+        raises `FlightFailed` on failure. The final byte is never handed out before the
+        digest is verified, so a failed fetch never looks like a complete body."""
         pos = 0
         while True:
             if self.state == self.FAILED:
                 assert self.error is not None
                 raise self.error
-            done = self.state == self.COMMITTED
-            ready = max(self.written, self.received)
-            limit = ready if done else ready - 1
+            limit = self.written if self.state == self.COMMITTED else self.written - 1
             if pos < limit:
-                views = self._from_window(pos, limit)
-                if views:
-                    pos += sum(len(view) for view in views)
-                    yield views
-                    continue
-                if pos < self.written:
-                    end = min(self.written, limit)
-                    if self._recent and pos < self._recent_start < end:
-                        end = self._recent_start  # from there on, memory
-                    yield FileSpan(pos, end)
-                    pos = end
-                    continue
-            elif done:
+                yield pos, limit
+                pos = limit
+                continue
+            if self.state == self.COMMITTED:
                 return
             await self._event.wait()
 
-    def _from_window(self, pos: int, limit: int) -> list[memoryview]:
-        """Views of the window's bytes `[pos, limit)`, or none when `pos` is not in it.
-        Taken at once, without awaiting: the window may move on while they are sent, and
-        a view keeps its piece alive meanwhile."""
-        at = self._recent_start
-        if not at <= pos < at + self._recent_bytes:
-            return []
-        views = []
-        for piece in self._recent:
-            piece_end = at + len(piece)
-            if piece_end > pos:
-                views.append(memoryview(piece)[max(pos - at, 0) : min(limit, piece_end) - at])
-            if piece_end >= limit:
-                break
-            at = piece_end
-        return views
-
-    async def read(
-        self, handle: BinaryIO, offload: Offload
-    ) -> AsyncGenerator[bytes | memoryview, None]:
+    async def read(self, handle: BinaryIO, offload: Offload) -> AsyncGenerator[bytes, None]:
         """The whole blob as it arrives, in pieces of at most `READ_CHUNK` (for chunked
         responses, whose framing sendfile cannot do)."""
         fd = handle.fileno()
-        async for part in self.parts():
-            if not isinstance(part, FileSpan):
-                for view in part:
-                    yield view
-                continue
-            pos, end = part
+        async for start, end in self.spans():
+            pos = start
             while pos < end:
                 data = await offload.run(os.pread, fd, min(READ_CHUNK, end - pos), pos)
                 if not data:
@@ -340,13 +202,11 @@ class SpoolSink:
         hasher: Hasher,
         on_landed: Callable[[int], None],
         loop: asyncio.AbstractEventLoop,
-        to_window: bool = False,
     ) -> None:
         self.flight = flight
         self.hasher = hasher
         self.on_landed = on_landed
         self.loop = loop
-        self.to_window = to_window
 
     def write(self, pieces: Sequence[bytes | memoryview]) -> int:
         return self.flight.write_sync(pieces)
@@ -360,33 +220,14 @@ class SpoolSink:
 
     @contextlib.contextmanager
     def block_writer(self) -> Iterator[Callable[[memoryview], None]]:
-        """Blocks written from the spool's end so far: past the page cache from the
-        flight's `direct_from` on, when it has one (its readers at the head are sent the
-        window, not these pages)."""
-        flight = self.flight
-        if flight.direct_from is None:
-            at = flight.written
+        at = self.flight.written
 
-            def write(block: memoryview) -> None:
-                nonlocal at
-                at += flight.write_sync([block], at)
-                self.loop.call_soon_threadsafe(self.landed, len(block))
+        def write(block: memoryview) -> None:
+            nonlocal at
+            at += self.flight.write_sync([block], at)
+            self.loop.call_soon_threadsafe(self.landed, len(block))
 
-            yield write
-            return
-        writer = DirectWriter(flight.spool, flight.written, flight.direct_from)
-        loop = self.loop
-
-        def write_direct(block: memoryview) -> None:
-            if self.to_window:  # a copy: the block's buffer is refilled once written
-                loop.call_soon_threadsafe(flight.arrived, bytes(block))
-            writer.write(block)
-            loop.call_soon_threadsafe(self.landed, len(block))
-
-        try:
-            yield write_direct
-        finally:
-            writer.close()
+        yield write
 
 
 class Claim:

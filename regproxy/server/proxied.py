@@ -9,7 +9,7 @@ from aiohttp import web
 
 from regproxy.digest import Digest
 from regproxy.proxy.cache import CACHE_STATUS, HIT, MISS
-from regproxy.proxy.flights import BlobFlight, FileSpan, FlightFailed
+from regproxy.proxy.flights import BlobFlight, FlightFailed
 from regproxy.reference import ProxyName
 from regproxy.server.forward import FORWARDER, forwarded
 from regproxy.server.keys import CONFIG, OFFLOAD, PROXY
@@ -74,8 +74,7 @@ async def get_blob(request: web.Request, target: ProxyName, digest: Digest) -> w
 async def _stream_flight(
     request: web.Request, flight: BlobFlight, handle: BinaryIO, digest: Digest, what: str
 ) -> web.StreamResponse:
-    """Send a blob while it is being fetched, as its bytes arrive: those that just
-    arrived from the flight's window in memory, the others from the spool file."""
+    """Send a blob while it is being fetched: sendfile from the spool as bytes arrive."""
     cache = request.app[PROXY]
     try:
         await flight.wait_ready()
@@ -100,15 +99,10 @@ async def _stream_flight(
                 async for piece in pieces:
                     await response.write(piece)
         else:
-            async with contextlib.aclosing(flight.parts()) as parts:
+            async with contextlib.aclosing(flight.spans()) as spans:
                 offload = request.app[OFFLOAD]
-                async for part in parts:
-                    if isinstance(part, FileSpan):
-                        start, end = part
-                        await send_span(request, response, handle, digest, start, end, offload)
-                    else:
-                        for view in part:  # bytes that just arrived, from memory
-                            await response.write(view)
+                async for start, end in spans:
+                    await send_span(request, response, handle, digest, start, end, offload)
     except FlightFailed:
         # never let a failed fetch look like a complete body: cut the connection. The
         # fetch logged its failure once; raising here would add aiohttp's traceback for

@@ -47,9 +47,6 @@ def makedirs_durable(folder: Path) -> None:
 
 #: O_DIRECT needs offset, length and memory aligned to the device's logical block size.
 DIRECT_ALIGN = 4096
-#: bytes of a large file (an upload, a proxy spool) written through the page cache before
-#: the rest goes past it (see `DirectWriter`)
-DIRECT_FROM = 64 * 1024 * 1024
 
 
 class DirectWriter:

@@ -54,12 +54,14 @@ from pathlib import Path
 
 from regproxy.digest import Digest, Hasher, new_hasher
 from regproxy.errors import BlobUploadUnknown, DigestInvalid, TooManyRequests
-from regproxy.storage.fs import DIRECT_FROM, DirectWriter, remove_tree
+from regproxy.storage.fs import DirectWriter, remove_tree
 from regproxy.storage.intake import update_all
 from regproxy.storage.store import Store
 
 _ID_RE = re.compile(r"[0-9a-f]{32}")
 HASH_BLOCK = 1024 * 1024
+#: Upload bytes past this offset are written past the page cache (see `DirectWriter`).
+DIRECT_FROM = 64 * 1024 * 1024
 
 
 @dataclass
