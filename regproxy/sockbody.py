@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, cast
 
 from regproxy import asyncio_tls
-from regproxy.direct_send import write_all
+from regproxy.direct_send import ClientGone, ClientStalled, write_all
 from regproxy.tls_sender import TlsChannel
 
 #: Smaller bodies go through aiohttp: not worth a connection that cannot be reused.
@@ -378,7 +378,14 @@ class _TlsReader:
         meanwhile, say a key update's answer, goes out first)."""
         fd = self.channel.fd
         if self.channel.outgoing.pending:
-            write_all(memoryview(self.channel.outgoing.read()), fd, pace.idle_timeout, stop)
+            try:
+                write_all(memoryview(self.channel.outgoing.read()), fd, pace.idle_timeout, stop)
+            except ClientStalled as exc:
+                raise BodyTimeout(f"the upstream took nothing: {exc}") from None
+            except ClientGone as exc:
+                raise BodyTruncated(str(exc)) from None
+            except InterruptedError:
+                raise BodyStopped("stopped") from None
         while True:
             try:
                 n = os.readv(fd, [self.cipher])

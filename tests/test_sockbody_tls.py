@@ -9,8 +9,12 @@ a real aiohttp client reads from it; the server sends, cuts or stalls the body.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
+import socket
+import ssl
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,7 @@ from aiohttp import web
 from regproxy import asyncio_tls, sockbody
 from regproxy.aiohttp_adapter import take_response_body
 from regproxy.sockbody import BodyTruncated, TakenBody, drive, pump
+from regproxy.tls_sender import TlsChannel
 from tests.support.certs import tls_contexts
 
 pytestmark = pytest.mark.timeout(30)
@@ -216,3 +221,42 @@ async def test_without_a_loan_nothing_is_taken(
     assert take_response_body(resp, SIZE) is None
     assert sockbody._slots._value == free  # type: ignore[attr-defined]
     assert await resp.read() == DATA
+
+
+class _WantsToWrite:
+    """An `SSLObject` stand-in with records to send (a key update's answer) before it can
+    read: `read` asks for more ciphertext."""
+
+    def read(self, length: int, buffer: memoryview) -> int:
+        raise ssl.SSLWantReadError("want read")
+
+
+def test_what_openssl_sends_while_reading_goes_out_and_a_gone_peer_is_truncation() -> None:
+    """Records OpenSSL queued while reading are written before the next read; a peer that
+    is gone meanwhile ends the body as `BodyTruncated`, never as a hang."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    outgoing, incoming = ssl.MemoryBIO(), ssl.MemoryBIO()
+    channel = TlsChannel(_WantsToWrite(), outgoing, ours.fileno(), incoming)  # type: ignore[arg-type]
+    reader = sockbody._TlsReader(channel)
+    pace = sockbody._Pace(2.0, 0.0)
+    try:
+        outgoing.write(b"a key update's answer")
+        theirs.sendall(b"\x17\x03\x03")  # a few bytes of a record, then the peer goes
+        with pytest.raises(sockbody.BodyTimeout):  # nothing decrypts: the idle timeout
+            reader.fill_from(
+                ours.fileno(),
+                memoryview(bytearray(16)),
+                sockbody._Pace(0.3, 0.0),
+                threading.Event(),
+            )
+        assert theirs.recv(100) == b"a key update's answer"  # it went out first
+        assert incoming.pending == 3
+        theirs.close()
+        outgoing.write(b"more")
+        with pytest.raises(BodyTruncated):
+            reader.fill_from(ours.fileno(), memoryview(bytearray(16)), pace, threading.Event())
+    finally:
+        ours.close()
+        with contextlib.suppress(OSError):
+            theirs.close()
