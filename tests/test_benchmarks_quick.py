@@ -84,3 +84,47 @@ def test_quick_benchmark_runs_and_writes_valid_json(tmp_path: Path) -> None:
     # the table for the README was written next to the JSON
     table = out.with_suffix(".md").read_text()
     assert "| section |" in table and "regproxy" in table
+
+
+@pytest.mark.timeout(120)
+def test_the_toggled_access_log_benchmark_pairs_phases(tmp_path: Path) -> None:
+    """`access_log --toggle`: the shim switches the log off and on inside the server, and
+    every load gets pairs of phases (an "on" one after an "off" one) with a ratio."""
+    require_tool("wrk")
+    out = tmp_path / "toggle.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.benchmarks.access_log", "--toggle", "0.2",
+         "--rounds", "1", "--seconds", "2", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert result["toggle"] == 0.2
+    for load, cells in result["loads"].items():
+        for variant in ("text", "json"):
+            assert cells[variant]["pairs"] >= 1, (load, variant, proc.stdout)
+            assert 0.2 < cells[variant]["ratio"] < 5, (load, variant, cells)
+
+
+def test_phase_pairs_compare_each_on_phase_with_the_off_phase_before_it() -> None:
+    from tests.benchmarks.access_log import phase_pairs
+
+    def row(on: bool, start: float, requests: int, cpu: float) -> dict[str, float]:
+        return {"on": on, "start": start, "end": start + 1.0, "requests": requests, "cpu": cpu}
+
+    rows = [
+        row(True, 0, 100, 0.1),  # before the load: left out
+        row(False, 10, 1000, 0.05),
+        row(True, 11, 900, 0.054),
+        row(True, 12, 900, 0.054),  # no "off" just before it: not a pair
+        row(False, 13, 0, 0.0),  # no requests: left out
+        row(False, 14, 1000, 0.05),
+        row(True, 15, 800, 0.048),
+    ]
+    pairs = phase_pairs(rows, 10, 16)
+    assert [round(ratio, 3) for ratio, _ in pairs] == [0.9, 0.8]
+    assert [round(cpu, 1) for _, cpu in pairs] == [10.0, 10.0]

@@ -19,11 +19,19 @@ that drops lines fails here.
 
 Needs `wrk` (Debian package); loopback only. Numbers on a shared 2-core VM move by
 ±30 % between runs: read the ratios, measured in the same run.
+
+`--toggle SECONDS` measures the same ratio in one process instead: a server as it ships
+(text, then JSON) whose access log `log_toggle/sitecustomize.py` switches off and on every
+SECONDS while the loads run. Each "on" phase is compared with the "off" phase before it
+(requests/s and CPU µs per request), and the table shows the medians of those pairs. Two
+server processes can differ by more than the log costs, and a load's rounds move with
+the machine; here both sides of a pair share the process, its heap and the same second.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 import shutil
@@ -93,6 +101,102 @@ def access_lines(log: Path) -> int:
     return len(_LOAD_LINE.findall(log.read_text(errors="replace")))
 
 
+TOGGLE_SHIM = Path(__file__).with_name("log_toggle")
+
+
+def toggled_python(rows: Path, phase: float, scratch: Path) -> str:
+    """A stand-in for the interpreter that loads `log_toggle/sitecustomize.py`: the
+    server's access log switched off and on every `phase` seconds, phases to `rows`."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    wrapper = scratch / f"toggled-{rows.stem}.sh"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f"PYTHONPATH={TOGGLE_SHIM} BENCH_LOG_TOGGLE={phase} "
+        f'BENCH_LOG_TOGGLE_OUT={rows} exec {sys.executable} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def phase_pairs(
+    rows: list[dict[str, float]], start: float, end: float
+) -> list[tuple[float, float]]:
+    """(on/off requests/s, on-minus-off CPU µs per request) of each "on" phase within
+    [start, end] and the "off" phase just before it."""
+    inside = [r for r in rows if r["start"] >= start and r["end"] <= end and r["requests"] > 0]
+    pairs = []
+    for off, on in itertools.pairwise(inside):
+        if off["on"] or not on["on"]:
+            continue
+        off_rps = off["requests"] / (off["end"] - off["start"])
+        on_rps = on["requests"] / (on["end"] - on["start"])
+        cpu = (on["cpu"] / on["requests"] - off["cpu"] / off["requests"]) * 1e6
+        pairs.append((on_rps / off_rps, cpu))
+    return pairs
+
+
+def toggled(args: argparse.Namespace) -> int:
+    """`--toggle`: the access log's cost measured inside one server process per format."""
+    work = Path(tempfile.mkdtemp(prefix="rp-accesslog-toggle-"))
+    pairs: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    variants = [v for v in args.only.split(",") if v in ("text", "json")]
+    for variant in variants:
+        pairs[variant] = {name: [] for name in LOADS}
+        for round_ in range(args.rounds):
+            rows_path = work / f"{variant}-{round_ + 1}.jsonl"
+            python = toggled_python(rows_path, args.toggle, work)
+            server = RegproxyProcess(
+                work / f"{variant}-{round_ + 1}", extra_config=VARIANTS[variant], python=python
+            )
+            server.start()
+            try:
+                layer = setup(server.url)
+                spans = {}
+                for name in LOADS:
+                    started = time.time()
+                    load(name, server.url, layer, args.seconds)
+                    spans[name] = (started, time.time())
+                time.sleep(args.toggle + 0.2)  # the last phase is written
+            finally:
+                server.stop()
+            rows = [json.loads(line) for line in rows_path.read_text().splitlines()]
+            for name, (start, end) in spans.items():
+                found = phase_pairs(rows, start, end)
+                pairs[variant][name] += found
+                if found:
+                    print(
+                        f"round {round_ + 1} {name:22} {variant:5} {len(found):3d} pairs: "
+                        f"on/off {statistics.median(p[0] for p in found):.3f}, "
+                        f"+{statistics.median(p[1] for p in found):.1f} µs CPU/request",
+                        flush=True,
+                    )
+    print(f"\nmedians of phase pairs ({args.toggle:g} s each), access log on against off:")
+    print(
+        f"{'load':22}"
+        + "".join(f"{v:>10}" for v in variants)
+        + "".join(f"{v + ' µs':>10}" for v in variants)
+    )
+    summary: dict[str, dict[str, dict[str, float]]] = {}
+    for name in LOADS:
+        row = f"{name:22}"
+        cells = {}
+        for variant in variants:
+            found = pairs[variant][name]
+            cells[variant] = {
+                "ratio": statistics.median(p[0] for p in found) if found else float("nan"),
+                "cpu_us": statistics.median(p[1] for p in found) if found else float("nan"),
+                "pairs": len(found),
+            }
+        row += "".join(f"{cells[v]['ratio']:10.3f}" for v in variants)
+        row += "".join(f"{cells[v]['cpu_us']:10.1f}" for v in variants)
+        print(row)
+        summary[name] = cells
+    if args.json:
+        args.json.write_text(json.dumps({"toggle": args.toggle, "loads": summary}))
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -105,10 +209,18 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="record each server with py-spy while the loads run (collapsed stacks in DIR)",
     )
+    parser.add_argument(
+        "--toggle",
+        type=float,
+        metavar="SECONDS",
+        help="one server per format, its access log switched off and on every SECONDS",
+    )
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         print("wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 2
+    if args.toggle:
+        return toggled(args)
     variants = [v for v in args.only.split(",") if v]
     work = Path(tempfile.mkdtemp(prefix="rp-accesslog-bench-"))
     results: dict[str, dict[str, list[float]]] = {v: {n: [] for n in LOADS} for v in variants}
