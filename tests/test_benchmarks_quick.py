@@ -38,22 +38,27 @@ def _children_of(pid: int) -> list[int]:
     return found
 
 
+def _benchmark(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m tests.benchmarks.SCRIPT ARGS…`, which must succeed."""
+    proc = subprocess.run(
+        [sys.executable, "-m", f"tests.benchmarks.{script}", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
 @pytest.mark.timeout(120)
 def test_quick_benchmark_runs_and_writes_valid_json(tmp_path: Path) -> None:
     for tool in ("docker-registry", "wrk", "skopeo"):
         require_tool(tool)
     out = tmp_path / "quick.json"
     before = set(_children_of(os.getpid()))
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.benchmarks.bench", "--quick", "--out", str(out),
-         "--workdir", str(tmp_path / "work")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=100,
-        check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    _benchmark("bench", "--quick", "--out", str(out), "--workdir", str(tmp_path / "work"))
     assert set(_children_of(os.getpid())) <= before, "the benchmark left a process running"
 
     result = json.loads(out.read_text())  # strict JSON: NaN or Infinity would not parse
@@ -92,16 +97,9 @@ def test_the_toggled_access_log_benchmark_pairs_phases(tmp_path: Path) -> None:
     every load gets pairs of phases (an "on" one after an "off" one) with a ratio."""
     require_tool("wrk")
     out = tmp_path / "toggle.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.benchmarks.access_log", "--toggle", "0.2",
-         "--rounds", "1", "--seconds", "2", "--json", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=100,
-        check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    proc = _benchmark(
+        "access_log", "--toggle", "0.2", "--rounds", "1", "--seconds", "2", "--json", str(out)
+    )
     result = json.loads(out.read_text())
     assert result["toggle"] == 0.2
     for load, cells in result["loads"].items():

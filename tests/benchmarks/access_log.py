@@ -49,7 +49,7 @@ from tests.benchmarks.client import (
     image_manifest,
     small_blob,
 )
-from tests.benchmarks.harness import profiled_python, stop_profiler
+from tests.benchmarks.harness import profiled_python, python_wrapper, stop_profiler
 from tests.benchmarks.servers import cpu_seconds
 from tests.support.processes import RegproxyProcess
 
@@ -107,15 +107,11 @@ TOGGLE_SHIM = Path(__file__).with_name("log_toggle")
 def toggled_python(rows: Path, phase: float, scratch: Path) -> str:
     """A stand-in for the interpreter that loads `log_toggle/sitecustomize.py`: the
     server's access log switched off and on every `phase` seconds, phases to `rows`."""
-    scratch.mkdir(parents=True, exist_ok=True)
-    wrapper = scratch / f"toggled-{rows.stem}.sh"
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        f"PYTHONPATH={TOGGLE_SHIM} BENCH_LOG_TOGGLE={phase} "
-        f'BENCH_LOG_TOGGLE_OUT={rows} exec {sys.executable} "$@"\n'
+    command = (
+        f"env PYTHONPATH={TOGGLE_SHIM} BENCH_LOG_TOGGLE={phase} BENCH_LOG_TOGGLE_OUT={rows} "
+        f"{sys.executable}"
     )
-    wrapper.chmod(0o755)
-    return str(wrapper)
+    return python_wrapper(scratch / f"toggled-{rows.stem}.sh", command)
 
 
 def phase_pairs(

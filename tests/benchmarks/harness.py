@@ -240,15 +240,21 @@ def profiled_python(out: Path, scratch: Path) -> str:
     launching the server works where attaching to it does not (a VM whose kernel refuses
     to let py-spy read a process it did not start). The server's pid is py-spy's then."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    scratch.mkdir(parents=True, exist_ok=True)
-    wrapper = scratch / f"py-spy-{out.stem}.sh"
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        f"exec {_py_spy()} record --rate 250 --format raw --nonblocking --threads "
-        f'-o {out} -- {sys.executable} "$@"\n'
+    command = (
+        f"{_py_spy()} record --rate 250 --format raw --nonblocking --threads "
+        f"-o {out} -- {sys.executable}"
     )
-    wrapper.chmod(0o755)
-    return str(wrapper)
+    return python_wrapper(scratch / f"py-spy-{out.stem}.sh", command)
+
+
+def python_wrapper(path: Path, command: str) -> str:
+    """A shell script at `path` that runs `command` (the interpreter, with what goes
+    before it) with the arguments it was given: a stand-in for the Python interpreter
+    where a server is started (`RegproxyProcess(python=...)`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'#!/bin/sh\nexec {command} "$@"\n')
+    path.chmod(0o755)
+    return str(path)
 
 
 def stop_profiler(process: object) -> None:
