@@ -25,9 +25,10 @@ request id of the request they were logged in (`request_id` in JSON,
 Cost: the access log is on by default, so its line is made without the logging
 machinery when `serve`'s `LineWriter` is the only handler it would reach: the
 middleware gathers the values (`AccessEntry`), and the writer makes them, a batch at a
-time, with one f-string each into the bytes the formatters would write, and writes
-each batch with one write (see `LineWriter`). With another handler in the way
-(pytest's caplog, a program embedding the app) the record is logged as usual.
+time, into the bytes the formatters would write (what repeats from one request to the
+next is made once and kept), and writes each batch with one write (see `LineWriter`).
+With another handler in the way (pytest's caplog, a program embedding the app) the
+record is logged as usual.
 """
 
 from __future__ import annotations
@@ -432,11 +433,11 @@ class LineWriter(logging.Handler):
     flush under the logging lock), the access log cost up to half of small-request
     throughput. The middleware instead hands this writer the request's values
     (`put_access`), which only queues them. Every `BATCH_LINES` of them the caller makes
-    their lines in one go (`format_access`: one f-string each, the same bytes the
-    formatters make of an access record), and the lines still queued are made
-    `BATCH_WINDOW` after the first of them. Measured in the server (CPU time of the
-    event loop per request, GET /v2/ under wrk), a line made as its request ended cost
-    about twice as much as one made in a batch: by the next request, the code and data
+    their lines in one go (`format_access`: one f-string each from parts kept of earlier
+    lines, the same bytes the formatters make of an access record), and the lines still
+    queued are made `BATCH_WINDOW` after the first of them. Measured in the server (CPU
+    time of the event loop per request, GET /v2/ under wrk), a line made as its request
+    ended cost about twice as much as one made in a batch: by the next request, the code and data
     it needs have left the CPU's caches. Made by a thread, a line cost 3-4 µs of that
     thread's time (it reads each value from the other core), so a thread only writes.
 
@@ -468,6 +469,8 @@ class LineWriter(logging.Handler):
     MAX_QUEUED = 20_000
     #: a write to a regular file that took longer hands writing to the thread
     SLOW_WRITE = 0.005
+    #: the made parts of at most so many different access lines are kept (`format_access`)
+    MAX_PARTS = 256
 
     def __init__(self, stream: IO[str], json_lines: bool = False) -> None:
         super().__init__()
@@ -491,6 +494,9 @@ class LineWriter(logging.Handler):
         self._stamp: tuple[int, str] = (-1, "")
         # what the access lines of the current millisecond start with (`_format_head`)
         self._head: tuple[int, str] = (-1, "")
+        #: what access lines are made of, but their time, duration and request id, by
+        #: the values they are made from (`format_access`; used under `_make_lock`)
+        self._parts: dict[tuple[Any, ...], tuple[str, str, str]] = {}
         self._fd: int | bool | None = False  # False: not looked up yet (`_fileno`)
         self._regular = False
 
@@ -682,50 +688,59 @@ class LineWriter(logging.Handler):
 
     def format_access(self, time_ns: int, entry: AccessEntry) -> str:
         """An access line, byte for byte what this handler's formatter makes of the record
-        `_log_access` logs for `entry` at `time_ns` (tests/ops/test_access_log_cost.py)."""
+        `_log_access` logs for `entry` at `time_ns` (tests/ops/test_access_log_cost.py).
+
+        Only the time, the duration and the request id change from one request to the
+        next of a client (a CI fleet polls the same tags, a pull asks for the same
+        paths): the rest of the line is made once and kept (`_parts`, `MAX_PARTS`)."""
         millisecond = time_ns // 1_000_000
         made_for, head = self._head
         if millisecond != made_for:
             head = self._format_head(millisecond)
-        if not self.json_lines:  # `_ACCESS_TEXT % access_args(entry)`, spelt out: faster
-            (remote, method, url, version, status, sent, _, referer, user_agent,
-             duration, user, cache, rid, _, aborted) = entry  # fmt: skip
-            path_qs = str(url)
-            if len(path_qs) > MAX_PATH:
-                path_qs = cut(path_qs, MAX_PATH)
-            if referer is None:
-                referer = "-"
-            elif len(referer) > MAX_FIELD:
-                referer = cut(referer, MAX_FIELD)
-            if not user_agent:
-                user_agent = "-"
-            elif len(user_agent) > MAX_FIELD:
-                user_agent = cut(user_agent, MAX_FIELD)
-            return (
-                f'{head}{remote} "{method} {path_qs} '
-                f'{_HTTP11 if version is HttpVersion11 else _http_version(version)}" '
-                f'{status} {sent} "{referer}" "{user_agent}" {duration:.6f}s '
-                f"user={user or '-'} cache={cache or '-'} id={rid}{' aborted' if aborted else ''}"
-            )
-        (remote, method, url, _, status, sent, received, _, user_agent,
+        (remote, method, url, version, status, sent, received, referer, user_agent,
          duration, user, cache, rid, route, aborted) = entry  # fmt: skip
-        path, query = url.path, url.query_string
-        if len(path) > MAX_PATH:
-            path = cut(path, MAX_PATH)
+        key = (remote, method, url, version, status, sent, received, referer, user_agent,
+               user, cache, route, aborted)  # fmt: skip
+        parts = self._parts.get(key)
+        if parts is None:
+            parts = self._line_parts(entry)
+            if len(self._parts) >= self.MAX_PARTS:
+                self._parts.clear()  # many different requests: start again
+            self._parts[key] = parts
+        before, after_duration, after_id = parts
+        if self.json_lines:
+            return f"{head}{before}{round(duration, 6)!r}{after_duration}{_json_str(rid)}{after_id}"
+        return f"{head}{before}{duration:.6f}{after_duration}{rid}{after_id}"
+
+    def _line_parts(self, entry: AccessEntry) -> tuple[str, str, str]:
+        """An access line without its head (`_format_head`), in three parts: what comes
+        before the duration, between it and the request id, and after the id."""
+        (remote, method, url, version, status, sent, received, referer, user_agent,
+         _, user, cache, _, route, aborted) = entry  # fmt: skip
         if user_agent is not None and len(user_agent) > MAX_FIELD:
             user_agent = cut(user_agent, MAX_FIELD)
+        if not self.json_lines:  # `_ACCESS_TEXT % access_args(entry)`, spelt out
+            path_qs = cut(str(url), MAX_PATH)
+            referer = "-" if referer is None else cut(referer, MAX_FIELD)
+            http = _HTTP11 if version is HttpVersion11 else _http_version(version)
+            return (
+                f'{remote} "{method} {path_qs} {http}" {status} {sent} '
+                f'"{referer}" "{user_agent or "-"}" ',
+                f"s user={user or '-'} cache={cache or '-'} id=",
+                " aborted" if aborted else "",
+            )
+        path, query = cut(url.path, MAX_PATH), url.query_string
         j = _json_str
         return (
-            f"{head}{j(f'{method} {path} {status}')}, "
+            f"{j(f'{method} {path} {status}')}, "
             f'"method": {j(method)}, "path": {j(path)}, '
             f'"query": {j(cut(query, MAX_PATH)) if query else "null"}, "route": {j(route)}, '
-            f'"status": {status}, "bytes": {sent}, "bytes_in": {received}, '
-            f'"duration": {round(duration, 6)!r}, '
-            f'"user": {"null" if user is None else j(user)}, '
-            f'"cache": {"null" if cache is None else j(cache)}, "request_id": {j(rid)}, '
-            f'"remote": {j(remote)}, '
+            f'"status": {status}, "bytes": {sent}, "bytes_in": {received}, "duration": ',
+            f', "user": {"null" if user is None else j(user)}, '
+            f'"cache": {"null" if cache is None else j(cache)}, "request_id": ',
+            f', "remote": {j(remote)}, '
             f'"user_agent": {"null" if user_agent is None else j(user_agent)}'
-            f"{_ABORTED_JSON if aborted else ''}}}"
+            f"{_ABORTED_JSON if aborted else ''}}}",
         )
 
     def _format_head(self, millisecond: int) -> str:

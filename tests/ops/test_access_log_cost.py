@@ -94,16 +94,39 @@ def _record(time_ns: int, entry: logs.AccessEntry) -> logging.LogRecord:
     return record
 
 
+#: one writer per format for every example: the parts a writer keeps of earlier lines
+#: (`LineWriter._parts`) must never leak into a line they are not made of
+_WRITERS = {json_lines: logs.LineWriter(io.StringIO(), json_lines) for json_lines in (False, True)}
+
+
 @settings(max_examples=300, deadline=None)
-@given(time_ns=TIMES, entry=ENTRIES)
-def test_direct_lines_are_what_the_formatters_write(time_ns: int, entry: Any) -> None:
-    record = _record(time_ns, entry)
-    text = logs.LineWriter(io.StringIO(), json_lines=False)
-    assert text.format_access(time_ns, entry) == logs.TextFormatter().format(record)
-    as_json = logs.LineWriter(io.StringIO(), json_lines=True)
-    line = as_json.format_access(time_ns, entry)
-    assert line == logs.JsonFormatter().format(record)
-    assert json.loads(line)["logger"] == "regproxy.access"
+@given(
+    time_ns=TIMES,
+    entry=ENTRIES,
+    later=st.floats(0, 10_000, allow_nan=False),
+    next_id=st.text(alphabet="0123456789abcdef", min_size=16, max_size=16),
+)
+def test_direct_lines_are_what_the_formatters_write(
+    time_ns: int, entry: Any, later: float, next_id: str
+) -> None:
+    # the same request again with another duration and id: made from the kept parts
+    again = (*entry[:9], later, *entry[10:12], next_id, *entry[13:])
+    for each in (entry, again):
+        record = _record(time_ns, each)
+        text = _WRITERS[False].format_access(time_ns, each)
+        assert text == logs.TextFormatter().format(record)
+        line = _WRITERS[True].format_access(time_ns, each)
+        assert line == logs.JsonFormatter().format(record)
+        assert json.loads(line)["logger"] == "regproxy.access"
+
+
+def test_the_parts_kept_of_lines_are_bounded() -> None:
+    """A client asking for a new path every time (a scan) cannot grow the kept parts."""
+    writer = logs.LineWriter(io.StringIO(), json_lines=True)
+    for i in range(3 * writer.MAX_PARTS):
+        entry = (*ENTRY[:2], URL.build(path=f"/v2/scan/{i}"), *ENTRY[3:])
+        assert f'"path": "/v2/scan/{i}"' in writer.format_access(0, entry)
+        assert len(writer._parts) <= writer.MAX_PARTS
 
 
 @contextlib.contextmanager
