@@ -39,12 +39,15 @@ from tests.replicas.pushing import (
 )
 from tests.support.oci import OCI_LAYER, descriptor
 from tests.support.replicas import Cluster, S3Store
+from tests.support.soak import soak
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 DURATION = float(os.environ.get("REPLICAS_GC_SECONDS", "6"))
-#: gc runs the soak waits for after DURATION (a loaded machine runs fewer), up to LONGEST
+#: gc runs and acknowledged manifests the soak waits for after DURATION (a loaded
+#: machine does less), up to LONGEST
 GC_RUNS = 2
+ACKED = 20
 LONGEST = 30.0
 PUSHERS = 3
 #: seconds: gc keeps what was pushed or touched within 1 s of its start; a refusal this
@@ -140,25 +143,20 @@ async def test_gc_loop_while_replicas_serve_loses_nothing(cluster3: Cluster) -> 
     stop = asyncio.Event()
     tasks = [asyncio.create_task(pusher(cluster.url, n, ledger, stop)) for n in range(PUSHERS)]
     tasks.append(asyncio.create_task(collector(config, ledger, stop)))
-    started = time.monotonic()
-    try:
-        while time.monotonic() - started < DURATION or (
-            len(ledger.gc_runs) < GC_RUNS and time.monotonic() - started < LONGEST
-        ):
-            await asyncio.sleep(0.2)
-            for task in tasks:
-                if task.done():
-                    task.result()  # a failed pusher or gc fails the test now
-    finally:
-        stop.set()
-        await asyncio.gather(*tasks)
+    await soak(
+        tasks,
+        stop,
+        seconds=DURATION,
+        enough=lambda: len(ledger.gc_runs) >= GC_RUNS and len(ledger.acked) > ACKED,
+        longest=LONGEST,
+    )
     ran = await arun_cli("gc", "-c", config, "--json", "--grace", "0")
     assert ran.code == 0, ran.stderr
 
     swept = sum(s["blobs_removed"] for run in ledger.gc_runs for s in run["stores"])
     assert len(ledger.gc_runs) >= GC_RUNS, "gc did not run often enough to prove anything"
     assert swept > 0, f"gc never swept anything while the pushes ran: {ledger.gc_runs}"
-    assert len(ledger.acked) > 20, len(ledger.acked)
+    assert len(ledger.acked) > ACKED, len(ledger.acked)
     assert not ledger.races, f"manifests refused {ledger.races} s after their blobs were pushed"
     async with aiohttp.ClientSession(cluster.url) as http:
         for name, tag, image in ledger.acked:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -24,12 +23,15 @@ from tests.storage.helpers import assert_pullable
 from tests.support.inprocess import start_client
 from tests.support.s3store import bucket_keys, write_s3_config
 from tests.support.seaweed import SeaweedS3
+from tests.support.soak import soak
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
 
 DURATION = float(os.environ.get("S3_GC_STRESS_SECONDS", "6"))  # longer soaks: set it
-#: gc runs the soak waits for after DURATION (a loaded machine runs fewer), up to LONGEST
+#: gc runs and acknowledged manifests the soak waits for after DURATION (a loaded
+#: machine does less), up to LONGEST
 GC_RUNS = 4
+ACKED = 20
 LONGEST = 60.0
 PUSHERS = 3
 #: gc processes looping at once: a run takes seconds on S3, and two contend for the lease
@@ -48,25 +50,20 @@ async def test_gc_while_serving_on_s3(seaweed: SeaweedS3, s3_bucket: str, tmp_pa
         tasks += [
             asyncio.create_task(_collector(registry, ledger, stop)) for _ in range(COLLECTORS)
         ]
-        started = time.monotonic()
-        try:
-            while time.monotonic() - started < DURATION or (
-                len(ledger.gc_runs) < GC_RUNS and time.monotonic() - started < LONGEST
-            ):
-                await asyncio.sleep(0.2)
-                for task in tasks:
-                    if task.done():
-                        task.result()  # a failed pusher or gc fails the test now
-        finally:
-            stop.set()
-            await asyncio.gather(*tasks)
+        await soak(
+            tasks,
+            stop,
+            seconds=DURATION,
+            enough=lambda: len(ledger.gc_runs) >= GC_RUNS and len(ledger.acked) > ACKED,
+            longest=LONGEST,
+        )
         ran = await arun_cli("gc", "-c", path, "--json", "--grace", "0")
         assert ran.code == 0, ran.stderr
 
         swept = sum(s["blobs_removed"] for run in ledger.gc_runs for s in run["stores"])
         assert len(ledger.gc_runs) >= GC_RUNS, "gc did not run often enough to prove anything"
         assert swept > 0, "gc never swept anything while the pushes ran"
-        assert len(ledger.acked) > 20, len(ledger.acked)
+        assert len(ledger.acked) > ACKED, len(ledger.acked)
         assert not ledger.races, f"manifests refused {ledger.races} s after their blobs were pushed"
         for name, image in ledger.acked:
             await assert_pullable(client, name, image)
