@@ -173,13 +173,7 @@ async def test_gc_while_serving(registry: Registry) -> None:
     stop = asyncio.Event()
     tasks = [asyncio.create_task(_pusher(client, w, ledger, stop)) for w in range(PUSHERS)]
     tasks.append(asyncio.create_task(_collector(registry, ledger, stop)))
-    await soak(
-        tasks,
-        stop,
-        seconds=DURATION,
-        enough=lambda: len(ledger.gc_runs) >= GC_RUNS and len(ledger.acked) > ACKED,
-        longest=LONGEST,
-    )
+    await soak(tasks, stop, ledger, DURATION, GC_RUNS, ACKED, LONGEST)
     # one last sweep with nothing running, then everything acknowledged must be whole
     ran = await arun_cli("gc", "-c", registry.path, "--json", "--grace", "0")
     assert ran.code == 0, ran.stderr

@@ -143,13 +143,7 @@ async def test_gc_loop_while_replicas_serve_loses_nothing(cluster3: Cluster) -> 
     stop = asyncio.Event()
     tasks = [asyncio.create_task(pusher(cluster.url, n, ledger, stop)) for n in range(PUSHERS)]
     tasks.append(asyncio.create_task(collector(config, ledger, stop)))
-    await soak(
-        tasks,
-        stop,
-        seconds=DURATION,
-        enough=lambda: len(ledger.gc_runs) >= GC_RUNS and len(ledger.acked) > ACKED,
-        longest=LONGEST,
-    )
+    await soak(tasks, stop, ledger, DURATION, GC_RUNS, ACKED, LONGEST)
     ran = await arun_cli("gc", "-c", config, "--json", "--grace", "0")
     assert ran.code == 0, ran.stderr
 

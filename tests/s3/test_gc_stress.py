@@ -50,13 +50,7 @@ async def test_gc_while_serving_on_s3(seaweed: SeaweedS3, s3_bucket: str, tmp_pa
         tasks += [
             asyncio.create_task(_collector(registry, ledger, stop)) for _ in range(COLLECTORS)
         ]
-        await soak(
-            tasks,
-            stop,
-            seconds=DURATION,
-            enough=lambda: len(ledger.gc_runs) >= GC_RUNS and len(ledger.acked) > ACKED,
-            longest=LONGEST,
-        )
+        await soak(tasks, stop, ledger, DURATION, GC_RUNS, ACKED, LONGEST)
         ran = await arun_cli("gc", "-c", path, "--json", "--grace", "0")
         assert ran.code == 0, ran.stderr
 
